@@ -1,0 +1,376 @@
+# Rendered by liftdeploy 0.1.0 from "deployments/qwen32b.toml", env "dev"; edit the manifest, not this file.
+# manifest sha256: 07d523f3b002641c8a0719972f06b62b985f84f543a5c7be01f379c9bbee9770
+# re-render: liftdeploy render "deployments/qwen32b.toml" --env "dev"
+"""Schema-constrained JSON generation on Modal: vLLM serves the model, XGrammar
+constrains every token to the JSON schema sent with each request.
+
+Read it top to bottom in deploy order: image, weights, configuration, request
+validation, engine, HTTP endpoints, Modal functions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import Any, Literal
+
+import modal
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MINUTES = 60  # seconds
+
+# ## The model
+
+APP_NAME = "lift-sys-inference-dev"
+MODEL_NAME = "Qwen/Qwen2.5-Coder-7B-Instruct"
+MODEL_REVISION = "c03e6d358207e414f1eca0bb1891e29f1db0e242"  # avoid surprises when the repo updates
+VLLM_VERSION = "0.9.2"
+# GPUs to try, in this order.
+GPU = ["A10G", "L4"]
+
+
+# ## Container images
+
+# The GPU image pins the whole serving stack, installed with uv.
+vllm_image = (
+    modal.Image.from_registry("nvidia/cuda:12.4.1-devel-ubuntu22.04", add_python="3.12")
+    .entrypoint([])  # skip the base image's own entrypoint
+    .uv_pip_install(
+        "vllm==0.9.2",
+        "transformers==4.53.0",
+        "xgrammar==0.1.19",
+        "hf-transfer==0.1.9",
+    )
+    .env({
+        "HF_HOME": "/models",
+        "VLLM_CACHE_ROOT": "/root/.cache/vllm",
+        "HF_XET_HIGH_PERFORMANCE": "1",
+        "HF_HUB_ENABLE_HF_TRANSFER": "1",
+        "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
+        "TOKENIZERS_PARALLELISM": "false",
+    })
+)
+
+# `health` answers from this small image, without a GPU or the model.
+web_image = modal.Image.debian_slim(python_version="3.12").uv_pip_install(
+    "fastapi[standard]==0.115.12",
+    "pydantic==2.11.7",
+)
+
+# ## Weights and caches
+
+# Downloaded once into a Volume; later cold starts read them from there.
+MODELS_DIR = "/models"
+weights_volume = modal.Volume.from_name("lift-sys-models", create_if_missing=True)
+# vLLM's compile cache: later cold starts skip torch.compile.
+VLLM_CACHE_DIR = "/root/.cache/vllm"
+vllm_cache_volume = modal.Volume.from_name("lift-sys-vllm-cache", create_if_missing=True)
+
+# ## Request limits
+
+DEFAULT_MAX_TOKENS = 2048
+MAX_TOKENS_LIMIT = 8192
+DEFAULT_TEMPERATURE = 0.3
+DEFAULT_TOP_P = 0.95
+MAX_PROMPT_CHARS = 32000
+MAX_SCHEMA_BYTES = 65536
+MAX_SCHEMA_DEPTH = 32
+MAX_BODY_BYTES = 1048576
+SCHEMA_COMPILE_TIMEOUT = 10.0  # seconds
+MAX_INPUTS = 20  # requests one container serves at once
+QUEUE = 0  # requests that may wait beyond MAX_INPUTS before a 503
+
+# Each endpoint is its own URL: https://<workspace>--<label>.modal.run
+ENDPOINTS = [
+    {"kind": "health", "label": "health", "auth": "none"},
+    {"kind": "generate", "label": "generate", "auth": "proxy"},
+    {"kind": "warmup", "label": "warmup", "auth": "proxy"},
+]
+
+
+# ## Request validation
+# Missing or mistyped fields are answered with 422 naming each field, never a 500.
+
+
+def _depth(node: Any) -> int:
+    if isinstance(node, dict):
+        return 1 + max((_depth(v) for v in node.values()), default=0)
+    if isinstance(node, list):
+        return 1 + max((_depth(v) for v in node), default=0)
+    return 0
+
+
+def _bounded_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    if len(json.dumps(schema)) > MAX_SCHEMA_BYTES:
+        raise ValueError(f"schema is larger than {MAX_SCHEMA_BYTES} bytes")
+    if _depth(schema) > MAX_SCHEMA_DEPTH:
+        raise ValueError(f"schema nests deeper than {MAX_SCHEMA_DEPTH} levels")
+    return schema
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    json_schema: dict[str, Any] = Field(alias="schema", description="JSON Schema the output must match.")
+    max_tokens: int = Field(DEFAULT_MAX_TOKENS, ge=1, le=MAX_TOKENS_LIMIT)
+    temperature: float = Field(DEFAULT_TEMPERATURE, ge=0.0, le=2.0)
+    top_p: float = Field(DEFAULT_TOP_P, gt=0.0, le=1.0)
+
+    @field_validator("json_schema")
+    @classmethod
+    def _bounded(cls, schema: dict[str, Any]) -> dict[str, Any]:
+        return _bounded_schema(schema)
+
+
+class GenerateResponse(BaseModel):
+    ir_json: Any = Field(description="The parsed JSON; null when the output is incomplete.")
+    complete: bool = Field(description="False when max_tokens cut the output: the JSON is incomplete.")
+    text: str
+    tokens_used: int
+    generation_time_ms: float
+    finish_reason: Literal["stop", "length"]
+    model: str
+
+
+# ## The engine
+# vLLM 0.9.2 takes its structured-output request in the "guided_decoding" form.
+# vllm is imported only inside the container, so this module imports anywhere.
+
+ENGINE_ARGS = {
+    "model": "Qwen/Qwen2.5-Coder-7B-Instruct",
+    "revision": "c03e6d358207e414f1eca0bb1891e29f1db0e242",
+    "dtype": "bfloat16",
+    "max_model_len": 8192,
+    "tensor_parallel_size": 1,
+    "gpu_memory_utilization": 0.9,
+    "trust_remote_code": False,
+    "download_dir": "/models/hub",
+    "guided_decoding_backend": "xgrammar",
+}
+
+
+def sampling_params(schema: dict[str, Any] | None, *, max_tokens: int, temperature: float, top_p: float):
+    """vLLM's SamplingParams for one request, constrained to `schema` when given."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import GuidedDecodingParams
+
+    guided = GuidedDecodingParams(json=schema) if schema is not None else None
+    return SamplingParams(
+        max_tokens=max_tokens, temperature=temperature, top_p=top_p, guided_decoding=guided
+    )
+
+
+class VLLMEngine:
+    """vLLM's async engine: concurrent requests are batched on the GPU, not serialized."""
+
+    name = MODEL_NAME
+    is_smoke = False
+
+    def __init__(self) -> None:
+        self.ready = False
+        self.load_seconds: float | None = None
+        self._grammars: dict[str, Any] = {}
+
+    def start(self) -> None:
+        from transformers import AutoTokenizer
+        from vllm import AsyncEngineArgs, AsyncLLMEngine
+
+        started = time.monotonic()
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            MODEL_NAME, revision=MODEL_REVISION, trust_remote_code=ENGINE_ARGS["trust_remote_code"]
+        )
+        self.engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(**ENGINE_ARGS))
+        self.load_seconds = time.monotonic() - started
+        self.ready = True
+
+    def check_schema(self, schema: dict[str, Any]) -> None:
+        """Raise ValueError when XGrammar cannot compile `schema` (checked before the GPU sees it)."""
+        import xgrammar
+
+        key = json.dumps(schema, sort_keys=True)
+        if key not in self._grammars:
+            try:
+                self._grammars[key] = xgrammar.Grammar.from_json_schema(key)
+            except Exception as exc:  # xgrammar raises RuntimeError / ValueError with the reason
+                raise ValueError(str(exc).splitlines()[0][:500]) from None
+
+    async def generate(self, messages: list[dict[str, str]], schema: dict[str, Any] | None, *,
+                       max_tokens: int, temperature: float, top_p: float) -> dict[str, Any]:
+        prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        params = sampling_params(schema, max_tokens=max_tokens, temperature=temperature, top_p=top_p)
+        final = None
+        async for output in self.engine.generate(prompt, params, uuid.uuid4().hex):
+            final = output
+        completion = final.outputs[0]
+        return {
+            "text": completion.text,
+            "prompt_tokens": len(final.prompt_token_ids or []),
+            "completion_tokens": len(completion.token_ids),
+            "finish_reason": "length" if completion.finish_reason == "length" else "stop",
+        }
+
+
+# ## HTTP endpoints
+# One FastAPI app per endpoint. Modal serves each at its own URL; `liftdeploy serve --local`
+# serves these same apps on a CPU engine, under /<label>.
+
+
+def schema_prompt(prompt: str, schema: dict[str, Any]) -> list[dict[str, str]]:
+    """The chat for a `generate` request: the schema is also stated, so the model need not guess."""
+    instruction = "Answer with JSON only, matching this JSON Schema:\n" + json.dumps(schema)
+    return [{"role": "system", "content": instruction}, {"role": "user", "content": prompt}]
+
+
+def create_app(kind: str, engine: Any = None, auth: str = "none"):
+    """The FastAPI app for one endpoint `kind`, answering from `engine`."""
+    from fastapi import Depends, FastAPI, HTTPException, Request
+    from fastapi.responses import JSONResponse
+
+    api = FastAPI(title=f"{APP_NAME} {kind}", docs_url=None, redoc_url=None)
+    in_flight = 0
+
+    @api.middleware("http")
+    async def limit_body(request: Request, call_next):
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY_BYTES):
+            return JSONResponse({"detail": f"request body is larger than {MAX_BODY_BYTES} bytes"}, status_code=413)
+        return await call_next(request)
+
+    def unavailable(reason: str) -> HTTPException:
+        return HTTPException(503, detail=f"{reason}; retry shortly", headers={"Retry-After": "5"})
+
+    async def authorized(request: Request) -> None:
+        return  # proxy auth is enforced by Modal in front of the app
+
+    async def constrained(messages: list[dict[str, str]], schema: dict[str, Any] | None, *,
+                          max_tokens: int, temperature: float, top_p: float) -> dict[str, Any]:
+        nonlocal in_flight
+        if in_flight >= MAX_INPUTS + QUEUE:
+            raise unavailable(f"{in_flight} requests in flight")
+        if engine is None or not engine.ready:
+            raise unavailable("the model is still loading")
+        if schema is not None:
+            try:
+                await asyncio.wait_for(asyncio.to_thread(engine.check_schema, schema), SCHEMA_COMPILE_TIMEOUT)
+            except ValueError as exc:
+                raise HTTPException(400, detail=f"schema cannot be used for constrained decoding: {exc}") from None
+            except asyncio.TimeoutError:
+                raise HTTPException(400, detail=f"schema did not compile within {SCHEMA_COMPILE_TIMEOUT} s") from None
+        in_flight += 1
+        try:
+            return await engine.generate(messages, schema, max_tokens=max_tokens, temperature=temperature, top_p=top_p)
+        except HTTPException:
+            raise
+        except Exception as exc:  # the engine failed: the client may retry, it did nothing wrong
+            raise unavailable(f"engine error: {type(exc).__name__}") from None
+        finally:
+            in_flight -= 1
+
+    if kind == "health":
+
+        @api.get("/", dependencies=[Depends(authorized)])
+        async def health() -> dict[str, Any]:
+            return {
+                "status": "healthy",
+                "model": MODEL_NAME,
+                "gpu": GPU,
+                "backend": f"vLLM {VLLM_VERSION} with XGrammar",
+                "smoke_model": bool(getattr(engine, "is_smoke", False)),
+            }
+
+    if kind == "warmup":
+
+        @api.get("/", dependencies=[Depends(authorized)])
+        async def warmup() -> dict[str, Any]:
+            # Reaching this handler means the container started and `start_engine` loaded the model.
+            return {
+                "status": "warm" if engine is not None and engine.ready else "loading",
+                "model_loaded": bool(engine is not None and engine.ready),
+                "model": getattr(engine, "name", MODEL_NAME),
+                "load_seconds": getattr(engine, "load_seconds", None),
+                "smoke_model": bool(getattr(engine, "is_smoke", False)),
+            }
+
+    if kind == "generate":
+
+        @api.post("/", response_model=GenerateResponse, dependencies=[Depends(authorized)])
+        async def generate(request: GenerateRequest) -> GenerateResponse:
+            started = time.perf_counter()
+            result = await constrained(
+                schema_prompt(request.prompt, request.json_schema),
+                request.json_schema,
+                max_tokens=request.max_tokens,
+                temperature=request.temperature,
+                top_p=request.top_p,
+            )
+            complete = result["finish_reason"] == "stop"
+            parsed = None
+            if complete:
+                try:
+                    parsed = json.loads(result["text"])
+                except json.JSONDecodeError:
+                    complete = False
+            return GenerateResponse(
+                ir_json=parsed,
+                complete=complete,
+                text=result["text"],
+                tokens_used=result["completion_tokens"],
+                generation_time_ms=round((time.perf_counter() - started) * 1000, 1),
+                finish_reason=result["finish_reason"],
+                model=getattr(engine, "name", MODEL_NAME),
+            )
+
+    return api
+
+
+# ## Modal functions
+
+app = modal.App(APP_NAME)
+
+
+@app.function(
+    image=web_image,
+    timeout=1 * MINUTES,  # no GPU: answers in milliseconds, even while the model is cold
+)
+@modal.concurrent(max_inputs=100)
+@modal.asgi_app(label="health")
+def web_health():
+    return create_app("health", auth="none")
+
+
+@app.cls(
+    image=vllm_image,
+    gpu=GPU,
+    volumes={MODELS_DIR: weights_volume, VLLM_CACHE_DIR: vllm_cache_volume},
+    timeout=10 * MINUTES,  # how long may one request take?
+    startup_timeout=15 * MINUTES,  # how long may loading the model take?
+    scaledown_window=2 * MINUTES,  # how long should we stay up with no requests?
+)
+@modal.concurrent(max_inputs=MAX_INPUTS)  # how many requests can one replica handle?
+class Inference:
+    @modal.enter()
+    def start_engine(self):
+        self.engine = VLLMEngine()
+        self.engine.start()
+
+    @modal.method()
+    def ping(self) -> dict[str, Any]:
+        """Called by the keep-warm schedule and `modal run`: reports the loaded model."""
+        return {"model": self.engine.name, "ready": self.engine.ready, "load_seconds": self.engine.load_seconds}
+
+    @modal.asgi_app(label="generate", requires_proxy_auth=True)
+    def web_generate(self):
+        return create_app("generate", self.engine, auth="proxy")
+
+    @modal.asgi_app(label="warmup", requires_proxy_auth=True)
+    def web_warmup(self):
+        return create_app("warmup", self.engine, auth="proxy")
+
+
+@app.local_entrypoint()
+def main():
+    """`modal run` this file: start a container, load the model and report."""
+    print(Inference().ping.remote())

@@ -1,0 +1,464 @@
+# Rendered by liftdeploy 0.1.0 from "deployments/qwen3-8b.toml", env "prod"; edit the manifest, not this file.
+# manifest sha256: ab9483f62e6d8d9146deb1be5bfc81e8d83bf04a51d871bc7c80a95a243c4594
+# re-render: liftdeploy render "deployments/qwen3-8b.toml" --env "prod"
+"""Schema-constrained JSON generation on Modal: vLLM serves the model, XGrammar
+constrains every token to the JSON schema sent with each request.
+
+Read it top to bottom in deploy order: image, weights, configuration, request
+validation, engine, HTTP endpoints, Modal functions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import os
+import time
+import uuid
+from typing import Any, Literal
+
+import modal
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MINUTES = 60  # seconds
+
+# ## The model
+
+APP_NAME = "qwen3-structured"
+MODEL_NAME = "Qwen/Qwen3-8B"
+MODEL_REVISION = "b968826d9c46dd6066d109eabc6255188de91218"  # avoid surprises when the repo updates
+VLLM_VERSION = "0.33.0"
+# GPUs to try, in this order.
+GPU = ["H100", "A100-80GB"]
+
+
+# ## Container images
+
+# The GPU image pins the whole serving stack, installed with uv.
+vllm_image = (
+    modal.Image.debian_slim(python_version="3.12")
+    .uv_pip_install(
+        "vllm==0.33.0",
+    )
+    .env({"HF_HOME": "/models", "VLLM_CACHE_ROOT": "/root/.cache/vllm", "HF_XET_HIGH_PERFORMANCE": "1"})
+)
+
+# `health` answers from this small image, without a GPU or the model.
+web_image = modal.Image.debian_slim(python_version="3.12").uv_pip_install(
+    "fastapi[standard]==0.115.12",
+    "pydantic==2.11.7",
+)
+
+# ## Weights and caches
+
+# Downloaded once into a Volume; later cold starts read them from there.
+MODELS_DIR = "/models"
+weights_volume = modal.Volume.from_name("qwen3-weights", create_if_missing=True)
+# vLLM's compile cache: later cold starts skip torch.compile.
+VLLM_CACHE_DIR = "/root/.cache/vllm"
+vllm_cache_volume = modal.Volume.from_name("qwen3-vllm-cache", create_if_missing=True)
+
+# ## Request limits
+
+DEFAULT_MAX_TOKENS = 2048
+MAX_TOKENS_LIMIT = 8192
+DEFAULT_TEMPERATURE = 0.3
+DEFAULT_TOP_P = 0.95
+MAX_PROMPT_CHARS = 32000
+MAX_SCHEMA_BYTES = 65536
+MAX_SCHEMA_DEPTH = 32
+MAX_BODY_BYTES = 1048576
+SCHEMA_COMPILE_TIMEOUT = 10.0  # seconds
+MAX_INPUTS = 32  # requests one container serves at once
+QUEUE = 32  # requests that may wait beyond MAX_INPUTS before a 503
+
+# Each endpoint is its own URL: https://<workspace>--<label>.modal.run
+ENDPOINTS = [
+    {"kind": "health", "label": "health", "auth": "none"},
+    {"kind": "warmup", "label": "warmup", "auth": "bearer"},
+    {"kind": "generate", "label": "generate", "auth": "bearer"},
+    {"kind": "openai", "label": "v1", "auth": "bearer"},
+]
+TOKEN_ENV = "LIFTDEPLOY_API_TOKEN"  # set by the Modal Secret "qwen3-api-token"
+
+
+# ## Request validation
+# Missing or mistyped fields are answered with 422 naming each field, never a 500.
+
+
+def _depth(node: Any) -> int:
+    if isinstance(node, dict):
+        return 1 + max((_depth(v) for v in node.values()), default=0)
+    if isinstance(node, list):
+        return 1 + max((_depth(v) for v in node), default=0)
+    return 0
+
+
+def _bounded_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    if len(json.dumps(schema)) > MAX_SCHEMA_BYTES:
+        raise ValueError(f"schema is larger than {MAX_SCHEMA_BYTES} bytes")
+    if _depth(schema) > MAX_SCHEMA_DEPTH:
+        raise ValueError(f"schema nests deeper than {MAX_SCHEMA_DEPTH} levels")
+    return schema
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    json_schema: dict[str, Any] = Field(alias="schema", description="JSON Schema the output must match.")
+    max_tokens: int = Field(DEFAULT_MAX_TOKENS, ge=1, le=MAX_TOKENS_LIMIT)
+    temperature: float = Field(DEFAULT_TEMPERATURE, ge=0.0, le=2.0)
+    top_p: float = Field(DEFAULT_TOP_P, gt=0.0, le=1.0)
+
+    @field_validator("json_schema")
+    @classmethod
+    def _bounded(cls, schema: dict[str, Any]) -> dict[str, Any]:
+        return _bounded_schema(schema)
+
+
+class GenerateResponse(BaseModel):
+    ir_json: Any = Field(description="The parsed JSON; null when the output is incomplete.")
+    complete: bool = Field(description="False when max_tokens cut the output: the JSON is incomplete.")
+    text: str
+    tokens_used: int
+    generation_time_ms: float
+    finish_reason: Literal["stop", "length"]
+    model: str
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=MAX_PROMPT_CHARS)
+
+
+class JsonSchemaFormat(BaseModel):
+    name: str = Field("output", max_length=64)
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+    @field_validator("schema_")
+    @classmethod
+    def _bounded(cls, schema: dict[str, Any]) -> dict[str, Any]:
+        return _bounded_schema(schema)
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["json_schema", "json_object", "text"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class ChatCompletionRequest(BaseModel):
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1, max_length=256)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    temperature: float = Field(DEFAULT_TEMPERATURE, ge=0.0, le=2.0)
+    top_p: float = Field(DEFAULT_TOP_P, gt=0.0, le=1.0)
+    response_format: ResponseFormat | None = None
+    stream: Literal[False] = False
+    n: Literal[1] = 1
+
+
+# ## The engine
+# vLLM 0.33.0 takes its structured-output request in the "structured_outputs" form.
+# vllm is imported only inside the container, so this module imports anywhere.
+
+ENGINE_ARGS = {
+    "model": "Qwen/Qwen3-8B",
+    "revision": "b968826d9c46dd6066d109eabc6255188de91218",
+    "dtype": "bfloat16",
+    "max_model_len": 16384,
+    "tensor_parallel_size": 1,
+    "gpu_memory_utilization": 0.9,
+    "trust_remote_code": False,
+    "enforce_eager": True,
+    "download_dir": "/models/hub",
+    "structured_outputs_config": {"backend": "xgrammar"},
+}
+
+
+def sampling_params(schema: dict[str, Any] | None, *, max_tokens: int, temperature: float, top_p: float):
+    """vLLM's SamplingParams for one request, constrained to `schema` when given."""
+    from vllm.sampling_params import SamplingParams, StructuredOutputsParams
+
+    structured = StructuredOutputsParams(json=schema) if schema is not None else None
+    return SamplingParams(
+        max_tokens=max_tokens, temperature=temperature, top_p=top_p, structured_outputs=structured
+    )
+
+
+class VLLMEngine:
+    """vLLM's async engine: concurrent requests are batched on the GPU, not serialized."""
+
+    name = MODEL_NAME
+    is_smoke = False
+
+    def __init__(self) -> None:
+        self.ready = False
+        self.load_seconds: float | None = None
+        self._grammars: dict[str, Any] = {}
+
+    def start(self) -> None:
+        from transformers import AutoTokenizer
+        from vllm import AsyncEngineArgs, AsyncLLMEngine
+
+        started = time.monotonic()
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            MODEL_NAME, revision=MODEL_REVISION, trust_remote_code=ENGINE_ARGS["trust_remote_code"]
+        )
+        self.engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(**ENGINE_ARGS))
+        self.load_seconds = time.monotonic() - started
+        self.ready = True
+
+    def check_schema(self, schema: dict[str, Any]) -> None:
+        """Raise ValueError when XGrammar cannot compile `schema` (checked before the GPU sees it)."""
+        import xgrammar
+
+        key = json.dumps(schema, sort_keys=True)
+        if key not in self._grammars:
+            try:
+                self._grammars[key] = xgrammar.Grammar.from_json_schema(key)
+            except Exception as exc:  # xgrammar raises RuntimeError / ValueError with the reason
+                raise ValueError(str(exc).splitlines()[0][:500]) from None
+
+    async def generate(self, messages: list[dict[str, str]], schema: dict[str, Any] | None, *,
+                       max_tokens: int, temperature: float, top_p: float) -> dict[str, Any]:
+        prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        params = sampling_params(schema, max_tokens=max_tokens, temperature=temperature, top_p=top_p)
+        final = None
+        async for output in self.engine.generate(prompt, params, uuid.uuid4().hex):
+            final = output
+        completion = final.outputs[0]
+        return {
+            "text": completion.text,
+            "prompt_tokens": len(final.prompt_token_ids or []),
+            "completion_tokens": len(completion.token_ids),
+            "finish_reason": "length" if completion.finish_reason == "length" else "stop",
+        }
+
+
+# ## HTTP endpoints
+# One FastAPI app per endpoint. Modal serves each at its own URL; `liftdeploy serve --local`
+# serves these same apps on a CPU engine, under /<label>.
+
+
+def schema_prompt(prompt: str, schema: dict[str, Any]) -> list[dict[str, str]]:
+    """The chat for a `generate` request: the schema is also stated, so the model need not guess."""
+    instruction = "Answer with JSON only, matching this JSON Schema:\n" + json.dumps(schema)
+    return [{"role": "system", "content": instruction}, {"role": "user", "content": prompt}]
+
+
+def create_app(kind: str, engine: Any = None, auth: str = "none"):
+    """The FastAPI app for one endpoint `kind`, answering from `engine`."""
+    from fastapi import Depends, FastAPI, HTTPException, Request
+    from fastapi.responses import JSONResponse
+
+    api = FastAPI(title=f"{APP_NAME} {kind}", docs_url=None, redoc_url=None)
+    in_flight = 0
+
+    @api.middleware("http")
+    async def limit_body(request: Request, call_next):
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY_BYTES):
+            return JSONResponse({"detail": f"request body is larger than {MAX_BODY_BYTES} bytes"}, status_code=413)
+        return await call_next(request)
+
+    def unavailable(reason: str) -> HTTPException:
+        return HTTPException(503, detail=f"{reason}; retry shortly", headers={"Retry-After": "5"})
+
+    async def authorized(request: Request) -> None:
+        if auth != "bearer":
+            return
+        expected = os.environ.get(TOKEN_ENV, "")
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if not expected or scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), expected.encode()):
+            raise HTTPException(401, detail="missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    async def constrained(messages: list[dict[str, str]], schema: dict[str, Any] | None, *,
+                          max_tokens: int, temperature: float, top_p: float) -> dict[str, Any]:
+        nonlocal in_flight
+        if in_flight >= MAX_INPUTS + QUEUE:
+            raise unavailable(f"{in_flight} requests in flight")
+        if engine is None or not engine.ready:
+            raise unavailable("the model is still loading")
+        if schema is not None:
+            try:
+                await asyncio.wait_for(asyncio.to_thread(engine.check_schema, schema), SCHEMA_COMPILE_TIMEOUT)
+            except ValueError as exc:
+                raise HTTPException(400, detail=f"schema cannot be used for constrained decoding: {exc}") from None
+            except asyncio.TimeoutError:
+                raise HTTPException(400, detail=f"schema did not compile within {SCHEMA_COMPILE_TIMEOUT} s") from None
+        in_flight += 1
+        try:
+            return await engine.generate(messages, schema, max_tokens=max_tokens, temperature=temperature, top_p=top_p)
+        except HTTPException:
+            raise
+        except Exception as exc:  # the engine failed: the client may retry, it did nothing wrong
+            raise unavailable(f"engine error: {type(exc).__name__}") from None
+        finally:
+            in_flight -= 1
+
+    if kind == "health":
+
+        @api.get("/", dependencies=[Depends(authorized)])
+        async def health() -> dict[str, Any]:
+            return {
+                "status": "healthy",
+                "model": MODEL_NAME,
+                "gpu": GPU,
+                "backend": f"vLLM {VLLM_VERSION} with XGrammar",
+                "smoke_model": bool(getattr(engine, "is_smoke", False)),
+            }
+
+    if kind == "warmup":
+
+        @api.get("/", dependencies=[Depends(authorized)])
+        async def warmup() -> dict[str, Any]:
+            # Reaching this handler means the container started and `start_engine` loaded the model.
+            return {
+                "status": "warm" if engine is not None and engine.ready else "loading",
+                "model_loaded": bool(engine is not None and engine.ready),
+                "model": getattr(engine, "name", MODEL_NAME),
+                "load_seconds": getattr(engine, "load_seconds", None),
+                "smoke_model": bool(getattr(engine, "is_smoke", False)),
+            }
+
+    if kind == "generate":
+
+        @api.post("/", response_model=GenerateResponse, dependencies=[Depends(authorized)])
+        async def generate(request: GenerateRequest) -> GenerateResponse:
+            started = time.perf_counter()
+            result = await constrained(
+                schema_prompt(request.prompt, request.json_schema),
+                request.json_schema,
+                max_tokens=request.max_tokens,
+                temperature=request.temperature,
+                top_p=request.top_p,
+            )
+            complete = result["finish_reason"] == "stop"
+            parsed = None
+            if complete:
+                try:
+                    parsed = json.loads(result["text"])
+                except json.JSONDecodeError:
+                    complete = False
+            return GenerateResponse(
+                ir_json=parsed,
+                complete=complete,
+                text=result["text"],
+                tokens_used=result["completion_tokens"],
+                generation_time_ms=round((time.perf_counter() - started) * 1000, 1),
+                finish_reason=result["finish_reason"],
+                model=getattr(engine, "name", MODEL_NAME),
+            )
+
+    if kind == "openai":
+
+        @api.get("/v1/models", dependencies=[Depends(authorized)])
+        async def models() -> dict[str, Any]:
+            return {"object": "list", "data": [{"id": MODEL_NAME, "object": "model", "owned_by": APP_NAME}]}
+
+        @api.post("/v1/chat/completions", dependencies=[Depends(authorized)])
+        async def chat_completions(request: ChatCompletionRequest) -> dict[str, Any]:
+            fmt = request.response_format
+            if fmt is not None and fmt.type == "json_schema" and fmt.json_schema is None:
+                raise HTTPException(422, detail="response_format.json_schema is required for type json_schema")
+            schema = None
+            if fmt is not None and fmt.type == "json_schema":
+                schema = fmt.json_schema.schema_
+            elif fmt is not None and fmt.type == "json_object":
+                schema = {"type": "object"}
+            result = await constrained(
+                [message.model_dump() for message in request.messages],
+                schema,
+                max_tokens=request.max_completion_tokens or request.max_tokens or DEFAULT_MAX_TOKENS,
+                temperature=request.temperature,
+                top_p=request.top_p,
+            )
+            return {
+                "id": f"chatcmpl-{uuid.uuid4().hex}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": MODEL_NAME,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": result["text"]},
+                        "finish_reason": result["finish_reason"],
+                    }
+                ],
+                "usage": {
+                    "prompt_tokens": result["prompt_tokens"],
+                    "completion_tokens": result["completion_tokens"],
+                    "total_tokens": result["prompt_tokens"] + result["completion_tokens"],
+                },
+            }
+
+    return api
+
+
+# ## Modal functions
+
+app = modal.App(APP_NAME)
+
+
+@app.function(
+    image=web_image,
+    timeout=1 * MINUTES,  # no GPU: answers in milliseconds, even while the model is cold
+)
+@modal.concurrent(max_inputs=100)
+@modal.asgi_app(label="health")
+def web_health():
+    return create_app("health", auth="none")
+
+
+@app.cls(
+    image=vllm_image,
+    gpu=GPU,
+    volumes={MODELS_DIR: weights_volume, VLLM_CACHE_DIR: vllm_cache_volume},
+    secrets=[modal.Secret.from_name("huggingface"), modal.Secret.from_name("qwen3-api-token")],
+    timeout=10 * MINUTES,  # how long may one request take?
+    startup_timeout=20 * MINUTES,  # how long may loading the model take?
+    scaledown_window=10 * MINUTES,  # how long should we stay up with no requests?
+    min_containers=1,  # kept warm even when idle (billed)
+    max_containers=8,
+    buffer_containers=1,
+)
+@modal.concurrent(max_inputs=MAX_INPUTS, target_inputs=24)  # how many requests can one replica handle?
+class Inference:
+    @modal.enter()
+    def start_engine(self):
+        self.engine = VLLMEngine()
+        self.engine.start()
+
+    @modal.method()
+    def ping(self) -> dict[str, Any]:
+        """Called by the keep-warm schedule and `modal run`: reports the loaded model."""
+        return {"model": self.engine.name, "ready": self.engine.ready, "load_seconds": self.engine.load_seconds}
+
+    @modal.asgi_app(label="warmup")
+    def web_warmup(self):
+        return create_app("warmup", self.engine, auth="bearer")
+
+    @modal.asgi_app(label="generate")
+    def web_generate(self):
+        return create_app("generate", self.engine, auth="bearer")
+
+    @modal.asgi_app(label="v1")
+    def web_v1(self):
+        return create_app("openai", self.engine, auth="bearer")
+
+
+@app.function(image=web_image, schedule=modal.Cron("*/10 8-18 * * 1-5"))
+def keep_warm():
+    """Keep one container loaded during the scheduled hours."""
+    print(Inference().ping.remote())
+
+
+@app.local_entrypoint()
+def main():
+    """`modal run` this file: start a container, load the model and report."""
+    print(Inference().ping.remote())

@@ -1,0 +1,84 @@
+"""What liftdeploy knows about Modal's GPUs and common models, for validation and sizing.
+
+GPU names follow Modal's `gpu=` strings (https://modal.com/docs/guide/gpu); prices are
+Modal's list prices in USD per GPU-hour, read 2025-10, for estimates only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Gpu:
+    name: str  # Modal's spelling
+    memory_gib: float
+    usd_per_hour: float
+    max_count: int = 8
+    fp8: bool = False  # native FP8 tensor cores (Ada, Hopper, Blackwell)
+    aliases: tuple[str, ...] = ()
+
+
+GPUS: tuple[Gpu, ...] = (
+    Gpu("T4", 16, 0.59),
+    Gpu("L4", 24, 0.80, fp8=True),
+    Gpu("A10G", 24, 1.10, max_count=4, aliases=("A10",)),
+    Gpu("L40S", 48, 1.95, fp8=True),
+    Gpu("A100-40GB", 40, 2.10, aliases=("A100",)),
+    Gpu("A100-80GB", 80, 2.50),
+    Gpu("RTX-PRO-6000", 96, 3.03, fp8=True),
+    Gpu("H100", 80, 3.95, fp8=True, aliases=("H100!",)),
+    Gpu("H200", 141, 4.54, fp8=True),
+    Gpu("B200", 192, 6.25, fp8=True, aliases=("B200+",)),
+)
+
+# `"any"` at the end of a fallback chain: every GPU that fits the model, cheapest first.
+ANY_GPU = "any"
+
+
+def gpu_names() -> list[str]:
+    return [g.name for g in GPUS]
+
+
+def find_gpu(name: str) -> Gpu | None:
+    wanted = name.upper()
+    for gpu in GPUS:
+        if wanted == gpu.name.upper() or wanted in (a.upper() for a in gpu.aliases):
+            return gpu
+    return None
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    params_b: float  # parameters, in billions
+    family: str  # architecture family (Hugging Face `model_type`)
+
+
+# A few common models so users need not state their size; anything else can set
+# `model.params_b` in the manifest.
+MODELS: dict[str, KnownModel] = {
+    "Qwen/Qwen2.5-Coder-32B-Instruct": KnownModel(32.8, "qwen2"),
+    "Qwen/Qwen2.5-Coder-14B-Instruct": KnownModel(14.8, "qwen2"),
+    "Qwen/Qwen2.5-Coder-7B-Instruct": KnownModel(7.6, "qwen2"),
+    "Qwen/Qwen2.5-Coder-1.5B-Instruct": KnownModel(1.5, "qwen2"),
+    "Qwen/Qwen2.5-7B-Instruct": KnownModel(7.6, "qwen2"),
+    "Qwen/Qwen2.5-72B-Instruct": KnownModel(72.7, "qwen2"),
+    "Qwen/Qwen3-8B": KnownModel(8.2, "qwen3"),
+    "Qwen/Qwen3-32B": KnownModel(32.8, "qwen3"),
+    "Qwen/Qwen3-Coder-30B-A3B-Instruct": KnownModel(30.5, "qwen3_moe"),
+    "meta-llama/Llama-3.1-8B-Instruct": KnownModel(8.0, "llama"),
+    "meta-llama/Llama-3.3-70B-Instruct": KnownModel(70.6, "llama"),
+    "mistralai/Mistral-7B-Instruct-v0.3": KnownModel(7.2, "mistral"),
+}
+
+# Bytes per parameter of the weights, by dtype or quantization.
+BYTES_PER_PARAM: dict[str, float] = {
+    "float32": 4.0,
+    "bfloat16": 2.0,
+    "float16": 2.0,
+    "auto": 2.0,
+    "fp8": 1.0,
+    "awq": 0.5,
+    "gptq": 0.5,
+    "bitsandbytes": 0.5,
+}

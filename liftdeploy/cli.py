@@ -1,0 +1,144 @@
+"""The `liftdeploy` command line.
+
+Each command is a thin layer over one pipeline module: manifest → checks → plan →
+render → deploy → client. Errors print as `error:` / `hint:` lines, never tracebacks
+(set LIFTDEPLOY_DEBUG=1 to see one). `validate`, `render`, `check` and `--help` import
+neither torch, vllm nor transformers.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import typer
+
+from .errors import LiftdeployError, ManifestError
+
+app = typer.Typer(
+    name="liftdeploy",
+    help="Declarative deployments of schema-constrained LLM inference (vLLM + XGrammar) on Modal.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+F = TypeVar("F", bound=Callable[..., object])
+
+EnvOption = Annotated[
+    str | None, typer.Option("--env", "-e", help="Env overlay to apply: a `[env.<name>]` table of the manifest.")
+]
+
+
+def fail(error: LiftdeployError) -> None:
+    typer.echo(error.render(), err=True)
+    raise typer.Exit(error.exit_code)
+
+
+def reports_errors(command: F) -> F:
+    """Print liftdeploy errors as one-line messages with hints, and exit with their code."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except LiftdeployError as error:
+            fail(error)
+        except KeyboardInterrupt:
+            typer.echo("error: interrupted; nothing half-written was left behind", err=True)
+            raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as exc:
+            if os.environ.get("LIFTDEPLOY_DEBUG"):
+                raise
+            typer.echo(f"error: internal error: {type(exc).__name__}: {exc}", err=True)
+            typer.echo("hint: this is a liftdeploy bug; rerun with LIFTDEPLOY_DEBUG=1 and report the traceback",
+                       err=True)
+            raise typer.Exit(70) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@app.command()
+@reports_errors
+def validate(
+    files: Annotated[list[Path], typer.Argument(help="Manifest files.", show_default=False)],
+    env: EnvOption = None,
+) -> None:
+    """Validate manifests (and all their env overlays). Exit 0 valid, 2 invalid."""
+    from .manifest import load
+
+    problems = []
+    for file in files:
+        try:
+            loaded = load(file, env)
+        except ManifestError as error:
+            problems.extend(error.problems)
+            continue
+        envs = [env] if env else ["(base)", *loaded.manifest.env]
+        typer.echo(f"ok: {file} ({', '.join(envs)})")
+    if problems:
+        raise ManifestError(problems)
+
+
+@app.command()
+@reports_errors
+def render(
+    file: Annotated[Path, typer.Argument(help="Manifest file.", show_default=False)],
+    env: EnvOption = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Directory for the module; default: beside the manifest.")] = None,
+    check: Annotated[bool, typer.Option("--check", help="Write nothing; exit 1 if the file on disk differs from a fresh render.")] = False,
+    stdout: Annotated[bool, typer.Option("--stdout", help="Print the module instead of writing it.")] = False,
+) -> None:
+    """Render a manifest into a Modal app module."""
+    from . import render as rendering
+    from .manifest import load
+
+    loaded = load(file, env)
+    path = rendering.output_path(loaded, out)
+    if check:
+        if rendering.drift(loaded, path):
+            typer.echo(f"error: {path} differs from a fresh render of {loaded.label}", err=True)
+            typer.echo(f"hint: liftdeploy render {file}" + (f" --env {env}" if env else ""), err=True)
+            raise typer.Exit(1)
+        typer.echo(f"ok: {path} is up to date")
+        return
+    text = rendering.render(loaded)
+    if stdout:
+        sys.stdout.write(text)
+        return
+    rendering.write_atomic(path, text)
+    typer.echo(f"rendered {loaded.label} -> {path}")
+
+
+@app.command()
+@reports_errors
+def schema(
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write to this file instead of stdout.")] = None,
+) -> None:
+    """Print the manifest's JSON Schema, for editors (see README: `#:schema`)."""
+    from .manifest import json_schema
+
+    text = json.dumps(json_schema(), indent=2) + "\n"
+    if out is None:
+        sys.stdout.write(text)
+    else:
+        from .render import write_atomic
+
+        write_atomic(out, text)
+        typer.echo(f"wrote {out}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

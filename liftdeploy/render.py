@@ -1,0 +1,196 @@
+"""Render a validated manifest into one self-contained Modal app module.
+
+Manifest values reach the generated code only through the `py` filter, which writes
+Python literals (never pasted text), so no manifest value can inject code. The same
+manifest always renders the same bytes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from enum import Enum
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from . import __version__
+from .compat import api_family
+from .errors import StepError
+from .manifest import Loaded, Manifest
+
+TEMPLATE = "modal_app.py.j2"
+
+
+def template_dir() -> Path:
+    """Templates ship inside the wheel; in a source checkout they sit at the top level."""
+    packaged = Path(__file__).parent / "templates"
+    return packaged if packaged.is_dir() else Path(__file__).parent.parent / "templates"
+
+
+def py(value: Any) -> str:
+    """A Python literal for a manifest value: the only way values enter rendered code."""
+    if isinstance(value, Enum):
+        return py(value.value)
+    if value is None or isinstance(value, (bool, int)):
+        return repr(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"cannot render non-finite number {value!r}")
+        return repr(value)
+    if isinstance(value, str):
+        literal = repr(value)
+        if literal.startswith("'") and '"' not in value:
+            literal = '"' + literal[1:-1] + '"'  # the house style: double quotes
+        return literal
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{py(k)}: {py(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(py(v) for v in value) + "]"
+    raise TypeError(f"cannot render {type(value).__name__} as a Python literal")
+
+
+def py_block(value: Any, indent: int = 0, width: int = 100) -> str:
+    """Like `py`, but a long list or dict is written one item per line, as a formatter would."""
+    flat = py(value)
+    if len(flat) + indent <= width or not isinstance(value, (dict, list, tuple)) or not value:
+        return flat
+    pad = " " * (indent + 4)
+    if isinstance(value, dict):
+        items = [f"{pad}{py(k)}: {py_block(v, indent + 4, width)}," for k, v in value.items()]
+        return "{\n" + "\n".join(items) + "\n" + " " * indent + "}"
+    items = [f"{pad}{py_block(v, indent + 4, width)}," for v in value]
+    return "[\n" + "\n".join(items) + "\n" + " " * indent + "]"
+
+
+def ident(label: str) -> str:
+    """The Python name of an endpoint's function: `web_` + its label (labels are DNS labels)."""
+    return "web_" + label.replace("-", "_")
+
+
+def minutes(seconds: int) -> str:
+    """`600` → `10 * MINUTES`, as a reader would write it."""
+    return f"{seconds // 60} * MINUTES" if seconds % 60 == 0 else str(int(seconds))
+
+
+@lru_cache(maxsize=1)
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(template_dir()),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+    env.filters.update(py=py, py_block=py_block, ident=ident, minutes=minutes)
+    return env
+
+
+def engine_args(m: Manifest) -> dict[str, Any]:
+    """vLLM engine arguments, in the pinned release's names."""
+    args: dict[str, Any] = {"model": m.model.id}
+    if m.model.revision:
+        args["revision"] = m.model.revision
+    args["dtype"] = m.model.dtype.value
+    if m.model.max_model_len:
+        args["max_model_len"] = m.model.max_model_len
+    if m.model.quantization:
+        args["quantization"] = m.model.quantization
+    args["tensor_parallel_size"] = m.model.tensor_parallel_size
+    args["gpu_memory_utilization"] = m.model.gpu_memory_utilization
+    args["trust_remote_code"] = m.model.trust_remote_code
+    if m.cold_start.fast_boot:
+        args["enforce_eager"] = True  # no CUDA graphs or torch.compile: faster start, slower tokens
+    if m.volumes.weights:
+        args["download_dir"] = m.volumes.weights.mount + "/hub"
+    if api_family(m.image.vllm) == "guided_decoding":
+        args["guided_decoding_backend"] = m.decoding.backend
+    else:
+        args["structured_outputs_config"] = {"backend": m.decoding.backend}
+    return args
+
+
+def image_env(m: Manifest) -> dict[str, str]:
+    env: dict[str, str] = {}
+    if m.volumes.weights:
+        env["HF_HOME"] = m.volumes.weights.mount
+    if m.volumes.compile_cache and m.cold_start.compile_cache:
+        env["VLLM_CACHE_ROOT"] = m.volumes.compile_cache.mount
+    if m.cold_start.fast_download:
+        env["HF_XET_HIGH_PERFORMANCE"] = "1"
+        if any(req.startswith("hf-transfer==") or req.startswith("hf_transfer==") for req in m.image.packages):
+            env["HF_HUB_ENABLE_HF_TRANSFER"] = "1"
+    env.update(m.image.env)
+    return env
+
+
+def context(loaded: Loaded) -> dict[str, Any]:
+    m = loaded.manifest
+    mounts = []
+    if m.volumes.weights:
+        mounts.append("MODELS_DIR: weights_volume")
+    if m.volumes.compile_cache:
+        mounts.append("VLLM_CACHE_DIR: vllm_cache_volume")
+    secrets = list(m.secrets.names)
+    if m.secrets.bearer and m.secrets.bearer not in secrets:
+        secrets.append(m.secrets.bearer)
+    endpoints = [{"kind": ep.kind.value, "label": ep.label, "auth": ep.auth.value} for ep in m.endpoints]
+    return {
+        "m": m,
+        "version": __version__,
+        "source": loaded.path.as_posix(),
+        "env": loaded.env,
+        "sha256": loaded.sha256,
+        "gpu_chain": m.gpu_chain(),
+        "api_family": api_family(m.image.vllm),
+        "engine_args": engine_args(m),
+        "image_env": image_env(m),
+        "volumes_expr": "{" + ", ".join(mounts) + "}" if mounts else "",
+        "secrets": secrets,
+        "endpoints": endpoints,
+        "kinds": sorted({ep["kind"] for ep in endpoints}),
+    }
+
+
+def render(loaded: Loaded) -> str:
+    return _environment().get_template(TEMPLATE).render(context(loaded))
+
+
+def module_name(loaded: Loaded) -> str:
+    stem = loaded.path.stem.replace("-", "_").replace(".", "_")
+    return f"{stem}_{loaded.env.replace('-', '_')}" if loaded.env else stem
+
+
+def output_path(loaded: Loaded, out_dir: Path | str | None = None) -> Path:
+    """Where the module goes: beside the manifest unless `out_dir` says otherwise."""
+    directory = Path(out_dir) if out_dir is not None else loaded.path.parent
+    return directory / f"{module_name(loaded)}.py"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write through a temporary file and a rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def drift(loaded: Loaded, path: Path) -> bool:
+    """True when the module on disk differs from a fresh render (or is missing)."""
+    try:
+        return path.read_text(encoding="utf-8") != render(loaded)
+    except FileNotFoundError:
+        return True
+    except OSError as exc:
+        raise StepError("render", f"cannot read {path}: {exc.strerror}") from None
