@@ -136,6 +136,84 @@ def schema(
         typer.echo(f"wrote {out}")
 
 
+TargetArg = Annotated[str, typer.Argument(help="A manifest (URLs derived) or a base URL such as http://127.0.0.1:8000.",
+                                          show_default=False)]
+
+
+@app.command()
+@reports_errors
+def serve(
+    file: Annotated[Path, typer.Argument(help="Manifest file.", show_default=False)],
+    env: EnvOption = None,
+    local: Annotated[bool, typer.Option("--local", help="Serve on this machine with the CPU engine instead of `modal serve`.")] = False,
+    port: Annotated[int, typer.Option("--port", "-p", help="Local port.")] = 8000,
+    model_path: Annotated[Path | None, typer.Option("--model-path", help="A local Hugging Face model directory; default: the built-in smoke model.")] = None,
+) -> None:
+    """Serve the app: `modal serve` with hot reload, or `--local` on 127.0.0.1 with a CPU engine."""
+    from .manifest import load
+
+    loaded = load(file, env)
+    if not local:
+        from .deploy import modal_serve
+
+        raise typer.Exit(modal_serve(loaded))
+    from .local.server import LocalServer, build, local_engine
+
+    engine = local_engine(loaded, model_path)
+    typer.echo(f"loading {'the smoke model' if model_path is None else model_path} on the CPU ...", err=True)
+    engine.start()
+    router = build(loaded, engine)
+    with LocalServer(router, port=port, log_level="info") as server:
+        typer.echo(f"serving {loaded.label} at {server.url} (model: {engine.name})", err=True)
+        for ep in router.index.values():
+            typer.echo(f"  {ep['kind']:<9} {server.url}{ep['path']}  auth={ep['auth']}", err=True)
+        creds = router.credentials
+        if creds.token:
+            typer.echo(f"  export LIFTDEPLOY_API_TOKEN={creds.token}", err=True)
+        if creds.proxy_key:
+            typer.echo(f"  export LIFTDEPLOY_PROXY_KEY={creds.proxy_key} LIFTDEPLOY_PROXY_SECRET={creds.proxy_secret}",
+                       err=True)
+        try:
+            server.thread.join()
+        except KeyboardInterrupt:
+            typer.echo("stopping", err=True)
+
+
+@app.command()
+@reports_errors
+def warmup(
+    target: TargetArg,
+    env: EnvOption = None,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for the model to load.")] = 600.0,
+) -> None:
+    """Load the model and wait until it is ready (polls the warm-up endpoint)."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from . import verify
+
+    client = verify.client_for(target, env, timeout=timeout)
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), transient=True) as bar:
+        task = bar.add_task("warming up", total=None)
+        answer = verify.warmup(client, deadline=timeout,
+                               progress=lambda t, last: bar.update(task, description=f"warming up ({last})"))
+    load = answer.get("load_seconds")
+    typer.echo(f"warm: {answer.get('model')}" + (f" (loaded in {load:.1f} s)" if load else ""))
+
+
+@app.command()
+@reports_errors
+def smoke(target: TargetArg, env: EnvOption = None,
+          timeout: Annotated[float, typer.Option("--timeout", help="Seconds to allow a cold start.")] = 600.0) -> None:
+    """Smoke-test a deployment: health, warm-up, one schema-constrained generation."""
+    from . import verify
+
+    result = verify.smoke(verify.client_for(target, env, timeout=timeout))
+    gen = result.generation
+    typer.echo(f"ok: health, warm-up and generate answered in {result.seconds:.1f} s")
+    typer.echo(f"  generate: finish_reason={gen.finish_reason} complete={gen.complete} "
+               f"tokens={gen.tokens_used} model={gen.model}")
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,317 @@
+"""Python client for a liftdeploy app: sync and async, cold-start aware.
+
+    from liftdeploy.client import Client
+    client = Client.for_manifest("deployments/qwen32b.toml", token=...)
+    client.warmup()                       # polls until the model is loaded (600 s default)
+    result = client.generate("Create a function add(a, b)", schema)
+    result.ir_json                        # parsed JSON; None when `complete` is False
+
+The first request may meet a cold start (the seeds measured 7 minutes for a 32B), so
+until one request has succeeded reads wait `Timeouts.cold_read`; afterwards
+`Timeouts.read`. Timeouts, connection errors and 502/503/504 are retried with
+exponential backoff (honouring Retry-After); 4xx never is. `LIFTDEPLOY_RECORD=record`
+saves every response under `LIFTDEPLOY_RECORDINGS` (default `tests/recordings`) and
+`LIFTDEPLOY_RECORD=replay` answers from those files without a network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from .errors import LiftdeployError
+
+RETRY_STATUSES = frozenset({502, 503, 504})
+COLD_START_TIMEOUT = 600.0  # seconds: the seeds' 32B took 7 minutes to load
+
+
+class ClientError(LiftdeployError):
+    """A request the server refused (4xx) or that kept failing after retries."""
+
+    def __init__(self, message: str, status: int | None = None, detail: Any = None, hint: str | None = None):
+        super().__init__(message, hint)
+        self.status = status
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    connect: float = 10.0
+    read: float = 120.0
+    cold_read: float = COLD_START_TIMEOUT
+
+
+@dataclass(frozen=True)
+class Generation:
+    """The `generate` endpoint's answer."""
+
+    ir_json: Any
+    complete: bool  # False when max_tokens cut the output: then ir_json is None
+    text: str
+    tokens_used: int
+    generation_time_ms: float
+    finish_reason: str
+    model: str
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> Generation:
+        return cls(**{name: body[name] for name in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """Where each endpoint label answers."""
+
+    urls: dict[str, str]
+    auth: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def local(cls, base_url: str, endpoints: list[dict[str, str]]) -> Endpoints:
+        base = base_url.rstrip("/")
+        return cls({ep["label"]: f"{base}/{ep['label']}" for ep in endpoints},
+                   {ep["label"]: ep["auth"] for ep in endpoints})
+
+    @classmethod
+    def modal(cls, workspace: str, environment: str, endpoints: list[dict[str, str]]) -> Endpoints:
+        """Modal's URL scheme: `https://<workspace>[-<env>]--<label>.modal.run`."""
+        prefix = workspace if environment == "main" else f"{workspace}-{environment}"
+        return cls({ep["label"]: f"https://{prefix}--{ep['label']}.modal.run" for ep in endpoints},
+                   {ep["label"]: ep["auth"] for ep in endpoints})
+
+    def label(self, kind: str, kinds: dict[str, str]) -> str:
+        for label, k in kinds.items():
+            if k == kind:
+                return label
+        raise ClientError(f"this app has no `{kind}` endpoint", hint=f"its endpoints: {', '.join(self.urls)}")
+
+
+@dataclass
+class Recorder:
+    """Record responses to fixture files keyed by the request, or replay them offline."""
+
+    directory: Path
+    mode: str = "off"  # off | record | replay
+
+    @classmethod
+    def from_env(cls) -> Recorder:
+        mode = os.environ.get("LIFTDEPLOY_RECORD", "off").lower()
+        if mode not in ("off", "record", "replay"):
+            raise ClientError(f"LIFTDEPLOY_RECORD is `{mode}`", hint="use `record`, `replay` or `off`")
+        return cls(Path(os.environ.get("LIFTDEPLOY_RECORDINGS", "tests/recordings")), mode)
+
+    def path(self, method: str, label: str, body: Any) -> Path:
+        key = json.dumps([method, label, body], sort_keys=True, separators=(",", ":"))
+        return self.directory / f"{label}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+    def replay(self, method: str, label: str, body: Any) -> tuple[int, Any] | None:
+        if self.mode != "replay":
+            return None
+        path = self.path(method, label, body)
+        if not path.exists():
+            raise ClientError(f"no recording for this {label} request ({path})",
+                              hint="run once with LIFTDEPLOY_RECORD=record against a live endpoint")
+        saved = json.loads(path.read_text())
+        return saved["status"], saved["response"]
+
+    def record(self, method: str, label: str, body: Any, status: int, response: Any) -> None:
+        if self.mode != "record":
+            return
+        from .render import write_atomic
+
+        saved = {"request": {"method": method, "label": label, "body": body}, "status": status, "response": response}
+        write_atomic(self.path(method, label, body), json.dumps(saved, indent=2, sort_keys=True) + "\n")
+
+
+class _Base:
+    """What the sync and async clients share: addresses, auth, timeouts and the retry policy."""
+
+    def __init__(self, endpoints: Endpoints, kinds: dict[str, str], *, token: str | None = None,
+                 proxy_auth: tuple[str, str] | None = None, timeouts: Timeouts = Timeouts(),
+                 retries: int = 4, backoff: float = 1.0, recorder: Recorder | None = None):
+        self.endpoints = endpoints
+        self.kinds = kinds  # label -> kind
+        self.token = token if token is not None else os.environ.get("LIFTDEPLOY_API_TOKEN")
+        env_proxy = (os.environ.get("LIFTDEPLOY_PROXY_KEY"), os.environ.get("LIFTDEPLOY_PROXY_SECRET"))
+        self.proxy_auth = proxy_auth or (env_proxy if all(env_proxy) else None)
+        self.timeouts = timeouts
+        self.retries = retries
+        self.backoff = backoff
+        self.recorder = recorder or Recorder.from_env()
+        self.warm = False
+
+    @classmethod
+    def for_manifest(cls, manifest: str | Path, env: str | None = None, *, base_url: str | None = None,
+                     **kwargs: Any):
+        """Addresses from a manifest: Modal's URLs (needs `app.workspace`), or `base_url` for a local server."""
+        from .manifest import load
+        from .render import context
+
+        loaded = load(manifest, env)
+        endpoints = context(loaded)["endpoints"]
+        kinds = {ep["label"]: ep["kind"] for ep in endpoints}
+        if base_url:
+            return cls(Endpoints.local(base_url, endpoints), kinds, **kwargs)
+        app = loaded.manifest.app
+        if not app.workspace:
+            raise ClientError("the manifest has no `app.workspace`, so its URLs are unknown",
+                              hint="set `app.workspace` or pass a base URL")
+        return cls(Endpoints.modal(app.workspace, app.environment, endpoints), kinds, **kwargs)
+
+    @classmethod
+    def for_url(cls, base_url: str, endpoints: list[dict[str, str]] | None = None, **kwargs: Any):
+        endpoints = endpoints or [{"kind": k, "label": k, "auth": "none"} for k in ("health", "warmup", "generate")]
+        return cls(Endpoints.local(base_url, endpoints), {ep["label"]: ep["kind"] for ep in endpoints}, **kwargs)
+
+    def _request(self, kind: str, method: str, body: Any, read_timeout: float | None) -> dict[str, Any]:
+        label = self.endpoints.label(kind, self.kinds)
+        headers = {"Accept": "application/json"}
+        auth = self.endpoints.auth.get(label, "none")
+        if auth == "bearer" and self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        if auth == "proxy" and self.proxy_auth:
+            headers["Modal-Key"], headers["Modal-Secret"] = self.proxy_auth
+        read = read_timeout or (self.timeouts.read if self.warm else self.timeouts.cold_read)
+        return {"label": label, "method": method, "url": self.endpoints.urls[label], "headers": headers,
+                "json": body, "timeout": httpx.Timeout(read, connect=self.timeouts.connect)}
+
+    def _delay(self, attempt: int, response: httpx.Response | None) -> float:
+        after = response.headers.get("retry-after") if response is not None else None
+        if after and after.isdigit():
+            return min(float(after), 60.0)
+        return min(self.backoff * 2**attempt, 30.0)
+
+    def _outcome(self, req: dict[str, Any], response: httpx.Response) -> dict[str, Any] | None:
+        """The body of a success, None for a retryable answer; raises on a refusal."""
+        try:
+            body = response.json()
+        except ValueError:
+            body = {"detail": response.text[:500]}
+        if response.status_code in RETRY_STATUSES:
+            return None
+        self.recorder.record(req["method"], req["label"], req["json"], response.status_code, body)
+        return self._checked(req, response.status_code, body)
+
+    def _checked(self, req: dict[str, Any], status: int, body: Any) -> dict[str, Any]:
+        if status >= 400:
+            detail = body.get("detail") if isinstance(body, dict) else body
+            hint = {401: "pass a token (LIFTDEPLOY_API_TOKEN) or Modal proxy credentials",
+                    413: "send a smaller request", 422: "fix the fields named in the detail"}.get(status)
+            raise ClientError(f"{req['label']} answered {status}: {_short(detail)}", status, detail, hint)
+        self.warm = True
+        return body
+
+    def _gave_up(self, req: dict[str, Any], last: str) -> ClientError:
+        return ClientError(f"{req['label']} did not answer after {self.retries + 1} attempts: {last}",
+                           hint="the model may still be loading; try `liftdeploy warmup` first")
+
+
+def _short(detail: Any) -> str:
+    if isinstance(detail, list):
+        fields = [".".join(str(p) for p in d.get("loc", [])[1:]) + ": " + d.get("msg", "") for d in detail[:3]
+                  if isinstance(d, dict)]
+        return "; ".join(fields) or json.dumps(detail)[:300]
+    return str(detail)[:300]
+
+
+def _generate_body(prompt: str, schema: dict[str, Any], **options: Any) -> dict[str, Any]:
+    return {"prompt": prompt, "schema": schema, **{k: v for k, v in options.items() if v is not None}}
+
+
+class Client(_Base):
+    """Blocking client."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.http = httpx.Client(follow_redirects=True)  # Modal answers long requests with a 303 to poll
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.http.close()
+
+    def call(self, kind: str, method: str = "GET", body: Any = None, read_timeout: float | None = None) -> Any:
+        req = self._request(kind, method, body, read_timeout)
+        replayed = self.recorder.replay(method, req["label"], body)
+        if replayed:
+            return self._checked(req, *replayed)
+        last = ""
+        for attempt in range(self.retries + 1):
+            response = None
+            try:
+                response = self.http.request(method, req["url"], headers=req["headers"], json=body,
+                                             timeout=req["timeout"])
+                result = self._outcome(req, response)
+                if result is not None:
+                    return result
+                last = f"HTTP {response.status_code}"
+            except httpx.TransportError as exc:
+                last = f"{type(exc).__name__}: {exc}"
+            if attempt < self.retries:
+                time.sleep(self._delay(attempt, response))
+        raise self._gave_up(req, last)
+
+    def health(self) -> dict[str, Any]:
+        return self.call("health", read_timeout=self.timeouts.read)
+
+    def warmup(self) -> dict[str, Any]:
+        return self.call("warmup", read_timeout=self.timeouts.cold_read)
+
+    def generate(self, prompt: str, schema: dict[str, Any], *, max_tokens: int | None = None,
+                 temperature: float | None = None, top_p: float | None = None) -> Generation:
+        body = _generate_body(prompt, schema, max_tokens=max_tokens, temperature=temperature, top_p=top_p)
+        return Generation.from_json(self.call("generate", "POST", body))
+
+
+class AsyncClient(_Base):
+    """asyncio client; the same policy as `Client`."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.http = httpx.AsyncClient(follow_redirects=True)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.http.aclose()
+
+    async def call(self, kind: str, method: str = "GET", body: Any = None, read_timeout: float | None = None) -> Any:
+        req = self._request(kind, method, body, read_timeout)
+        replayed = self.recorder.replay(method, req["label"], body)
+        if replayed:
+            return self._checked(req, *replayed)
+        last = ""
+        for attempt in range(self.retries + 1):
+            response = None
+            try:
+                response = await self.http.request(method, req["url"], headers=req["headers"], json=body,
+                                                   timeout=req["timeout"])
+                result = self._outcome(req, response)
+                if result is not None:
+                    return result
+                last = f"HTTP {response.status_code}"
+            except httpx.TransportError as exc:
+                last = f"{type(exc).__name__}: {exc}"
+            if attempt < self.retries:
+                await asyncio.sleep(self._delay(attempt, response))
+        raise self._gave_up(req, last)
+
+    async def health(self) -> dict[str, Any]:
+        return await self.call("health", read_timeout=self.timeouts.read)
+
+    async def warmup(self) -> dict[str, Any]:
+        return await self.call("warmup", read_timeout=self.timeouts.cold_read)
+
+    async def generate(self, prompt: str, schema: dict[str, Any], *, max_tokens: int | None = None,
+                       temperature: float | None = None, top_p: float | None = None) -> Generation:
+        body = _generate_body(prompt, schema, max_tokens=max_tokens, temperature=temperature, top_p=top_p)
+        return Generation.from_json(await self.call("generate", "POST", body))

@@ -1,0 +1,180 @@
+"""`liftdeploy serve --local`: the rendered module's own FastAPI apps on a CPU engine.
+
+Modal gives every endpoint its own host, `<workspace>--<label>.modal.run`; locally each
+one lives under `/<label>` on 127.0.0.1, with the path below it passed on unchanged, so
+`http://127.0.0.1:8000/generate` answers exactly as `https://ws--generate.modal.run/`.
+Auth is enforced here as on Modal: bearer tokens by the rendered app itself, proxy auth
+(`Modal-Key` / `Modal-Secret` headers) by this router, standing in for Modal's proxy.
+"""
+
+from __future__ import annotations
+
+import hmac
+import importlib.util
+import json
+import os
+import secrets
+import socket
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from ..errors import StepError
+from ..manifest import Loaded
+from ..render import module_name, render, write_atomic
+
+PROXY_KEY_ENV = "LIFTDEPLOY_PROXY_KEY"
+PROXY_SECRET_ENV = "LIFTDEPLOY_PROXY_SECRET"
+TOKEN_ENV = "LIFTDEPLOY_API_TOKEN"
+
+
+def import_rendered(loaded: Loaded, directory: Path | None = None) -> ModuleType:
+    """Render the manifest into `directory` (a temporary one by default) and import it."""
+    directory = directory or Path(tempfile.mkdtemp(prefix="liftdeploy-serve-"))
+    path = directory / f"{module_name(loaded)}.py"
+    write_atomic(path, render(loaded))
+    name = f"liftdeploy_rendered_{module_name(loaded)}_{os.getpid()}_{id(path)}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@dataclass
+class Credentials:
+    """What a local caller must present, generated when the environment does not set it."""
+
+    token: str | None = None  # bearer, when an endpoint uses it
+    proxy_key: str | None = None
+    proxy_secret: str | None = None
+
+    @classmethod
+    def for_endpoints(cls, endpoints: list[dict[str, str]]) -> Credentials:
+        auths = {ep["auth"] for ep in endpoints}
+        creds = cls()
+        if "bearer" in auths:
+            creds.token = os.environ.get(TOKEN_ENV) or secrets.token_urlsafe(24)
+        if "proxy" in auths:
+            creds.proxy_key = os.environ.get(PROXY_KEY_ENV) or "wk-" + secrets.token_urlsafe(12)
+            creds.proxy_secret = os.environ.get(PROXY_SECRET_ENV) or "ws-" + secrets.token_urlsafe(24)
+        return creds
+
+    def headers(self, auth: str) -> dict[str, str]:
+        if auth == "bearer" and self.token:
+            return {"Authorization": f"Bearer {self.token}"}
+        if auth == "proxy" and self.proxy_key and self.proxy_secret:
+            return {"Modal-Key": self.proxy_key, "Modal-Secret": self.proxy_secret}
+        return {}
+
+
+@dataclass
+class LabelRouter:
+    """An ASGI app dispatching `/<label>/...` to each endpoint's own app."""
+
+    apps: dict[str, Any]
+    auth: dict[str, str]
+    credentials: Credentials
+    index: dict[str, Any] = field(default_factory=dict)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        label, _, rest = scope["path"].lstrip("/").partition("/")
+        if scope["type"] == "http" and label == "":
+            await _respond(send, 200, {"endpoints": self.index})
+            return
+        if scope["type"] != "http" or label not in self.apps:
+            body = {"detail": f"no endpoint at /{label}", "endpoints": self.index}
+            await _respond(send, 404, body)
+            return
+        if self.auth[label] == "proxy" and not self._proxy_ok(scope):
+            await _respond(send, 401, {"detail": "missing or wrong Modal-Key / Modal-Secret headers"})
+            return
+        inner = dict(scope, path="/" + rest, raw_path=("/" + rest).encode(),
+                     root_path=scope.get("root_path", "") + "/" + label)
+        await self.apps[label](inner, receive, send)
+
+    def _proxy_ok(self, scope: dict[str, Any]) -> bool:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        key, secret = headers.get("modal-key", ""), headers.get("modal-secret", "")
+        expected_key, expected_secret = self.credentials.proxy_key or "", self.credentials.proxy_secret or ""
+        ok_key = hmac.compare_digest(key.encode(), expected_key.encode())
+        ok_secret = hmac.compare_digest(secret.encode(), expected_secret.encode())
+        return bool(expected_key) and ok_key and ok_secret
+
+
+async def _respond(send: Any, status: int, body: dict[str, Any]) -> None:
+    payload = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
+    await send({"type": "http.response.body", "body": payload})
+
+
+def build(loaded: Loaded, engine: Any, credentials: Credentials | None = None) -> LabelRouter:
+    """The local app: the rendered module's endpoint apps behind a label router."""
+    module = import_rendered(loaded)
+    endpoints: list[dict[str, str]] = module.ENDPOINTS
+    credentials = credentials or Credentials.for_endpoints(endpoints)
+    if credentials.token:
+        os.environ[TOKEN_ENV] = credentials.token  # what the Modal Secret provides in the cloud
+    apps, auth, index = {}, {}, {}
+    for ep in endpoints:
+        uses_engine = ep["kind"] != "health"
+        apps[ep["label"]] = module.create_app(ep["kind"], engine if uses_engine else None, auth=ep["auth"])
+        auth[ep["label"]] = ep["auth"]
+        index[ep["label"]] = {"kind": ep["kind"], "auth": ep["auth"], "path": f"/{ep['label']}"}
+    return LabelRouter(apps, auth, credentials, index)
+
+
+def local_engine(loaded: Loaded, model_path: Path | None = None) -> Any:
+    """The CPU engine: a local Hugging Face model directory, or the built-in smoke model."""
+    try:
+        from .engine import LocalEngine
+    except ImportError as exc:
+        raise StepError("serve", f"the local engine needs extra packages ({exc.name} is missing)",
+                        "pip install 'liftdeploy[local]'") from None
+    model = loaded.manifest.model
+    return LocalEngine(model_path, max_model_len=model.max_model_len or 4096, family=model.family)
+
+
+class LocalServer:
+    """uvicorn on 127.0.0.1 in a background thread; a context manager for tests and `bench`."""
+
+    def __init__(self, app: Any, port: int = 0, log_level: str = "warning"):
+        import uvicorn
+
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.socket.bind(("127.0.0.1", port))
+        self.port = self.socket.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=5)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
+
+    def __enter__(self) -> LocalServer:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise StepError("serve", "the local server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.socket.close()
