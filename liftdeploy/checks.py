@@ -162,7 +162,7 @@ def secret_values(path: Path, text: str) -> Iterator[Finding]:
         key = re.match(r"\s*([A-Za-z0-9_.\"-]+)\s*=\s*\"([^\"]{8,})\"", line)
         if match or (key and _SECRET_KEY.search(key.group(1))):
             shown = (match.group(0) if match else key.group(2))[:6] + "…"
-            yield Finding("error", "secret-value", f"a secret value (`{shown}`) is written into the manifest", 
+            yield Finding("error", "secret-value", f"a secret value (`{shown}`) is written into the manifest",
                           "store it in a Modal Secret (`modal secret create NAME KEY=...`) and list the name "
                           "in `secrets.names`", str(path), "", number)
 

@@ -136,6 +136,89 @@ def schema(
         typer.echo(f"wrote {out}")
 
 
+@app.command()
+@reports_errors
+def check(
+    paths: Annotated[list[Path] | None, typer.Argument(help="Manifest files or folders; default: deployments/.", show_default=False)] = None,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="text, json or github (workflow annotations).")] = "text",
+    resolve: Annotated[bool, typer.Option("--resolve", help="Also resolve each pin set for linux x86_64 with uv (needs the package index).")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Fail on warnings too.")] = False,
+) -> None:
+    """The PR check: pins, API family, GPU memory fit, Modal rules, hygiene, drift. Exit 0 clean, 1 findings, 2 invalid."""
+    from .checks import check as run_checks
+    from .errors import UsageError
+
+    if fmt not in ("text", "json", "github"):
+        raise UsageError(f"unknown format `{fmt}`", "use text, json or github")
+    report = run_checks(paths or [Path("deployments")], resolve=resolve)
+    output = report.format(fmt)
+    if output:
+        typer.echo(output)
+    raise typer.Exit(report.exit_code(strict))
+
+
+@app.command()
+@reports_errors
+def plan(file: Annotated[Path, typer.Argument(help="Manifest file.", show_default=False)], env: EnvOption = None) -> None:
+    """Show what will be deployed and what changed since the last apply."""
+    from .manifest import load
+    from .plan import describe
+
+    typer.echo(describe(load(file, env)))
+
+
+@app.command()
+@reports_errors
+def apply(
+    file: Annotated[Path, typer.Argument(help="Manifest file.", show_default=False)],
+    env: EnvOption = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Warm up and smoke-test after deploying.")] = True,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for the model to load.")] = 600.0,
+) -> None:
+    """check → render → deploy → record state → warm-up → smoke test."""
+    from . import deploy as deploying
+    from .checks import check as run_checks
+    from .errors import StepError
+    from .manifest import load
+    from .plan import describe, settings
+
+    loaded = load(file, env)
+    report = run_checks([file], drift_check=False)
+    errors = [f for f in report.invalid + report.findings if f.severity == "error" and f.env == env]
+    if errors:
+        typer.echo("\n".join(f.text() for f in errors), err=True)
+        raise StepError("check", f"{len(errors)} error(s); nothing was deployed", "fix them, then re-run apply")
+    typer.echo(describe(loaded))
+    if not yes and not typer.confirm("\nDeploy this?", default=False):
+        typer.echo("cancelled; nothing was deployed")
+        raise typer.Exit(1)
+    steps = deploying.apply(
+        loaded, settings=settings(loaded), verify=verify, warmup_timeout=timeout,
+        on_step=lambda step: typer.echo(f"✓ {step.name} ({step.seconds:.1f} s) {step.detail}"),
+        progress=lambda elapsed, last: typer.echo(f"  … warming up, {elapsed:.0f} s ({last})", err=True),
+    )
+    typer.echo(f"applied {loaded.label} in {sum(s.seconds for s in steps):.1f} s")
+
+
+@app.command()
+@reports_errors
+def destroy(
+    file: Annotated[Path, typer.Argument(help="Manifest file.", show_default=False)],
+    env: EnvOption = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Stop the Modal app of a manifest."""
+    from .deploy import destroy as stop
+    from .manifest import load
+
+    loaded = load(file, env)
+    m = loaded.manifest
+    if not yes and not typer.confirm(f"Stop app {m.app.name} in environment {m.app.environment}?", default=False):
+        raise typer.Exit(1)
+    raise typer.Exit(stop(loaded))
+
+
 TargetArg = Annotated[str, typer.Argument(help="A manifest (URLs derived) or a base URL such as http://127.0.0.1:8000.",
                                           show_default=False)]
 

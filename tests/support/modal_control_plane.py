@@ -112,8 +112,11 @@ class ModalControlPlane:
     secrets, images, mounts, functions) lives on the instance and survives between deploys.
     """
 
-    def __init__(self, workspace: str = "test-workspace", environment: str = "main"):
+    def __init__(self, workspace: str = "test-workspace", environment: str = "main",
+                 web_url_base: str | None = None):
         self.workspace = workspace
+        # When set (e.g. a `serve --local` server), web URLs point there: `<base>/<label>`.
+        self.web_url_base = web_url_base
         self.default_environment = environment
         self.requests: list[tuple[str, Message]] = []
         self.apps: dict[str, DeployedApp] = {}  # by app id
@@ -234,6 +237,8 @@ class ModalControlPlane:
         return out
 
     def web_url(self, label: str, environment: str = "") -> str:
+        if self.web_url_base:
+            return f"{self.web_url_base.rstrip('/')}/{label}"
         env = environment or self.default_environment
         env_part = "" if env == self.default_environment else f"-{env}"
         return f"https://{self.workspace}{env_part}--{label}.modal.run"

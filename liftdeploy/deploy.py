@@ -1,0 +1,201 @@
+"""Deploy through Modal's Python API, and keep the state of the last apply.
+
+`apply` = check → render → deploy → record state → warm-up → smoke test. The module is
+rendered into a temporary folder and deployed from there; only after Modal accepted it
+are the rendered file beside the manifest and the state file replaced (atomically), so a
+failure at any step leaves the previous render and state as they were.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from .errors import StepError
+from .manifest import Loaded
+from .render import module_name, output_path, render, write_atomic
+
+STATE_DIR = ".liftdeploy"
+
+
+# ## State of the last apply
+
+
+@dataclass
+class State:
+    manifest: str
+    env: str | None
+    manifest_sha256: str
+    app_name: str
+    environment: str
+    tag: str
+    app_id: str | None
+    urls: dict[str, str]
+    settings: dict[str, Any]  # what `plan` compares against
+    applied_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+
+
+def state_path(loaded: Loaded) -> Path:
+    """`.liftdeploy/<module>.state.json` beside the manifest; commit it or ignore it."""
+    return loaded.path.parent / STATE_DIR / f"{module_name(loaded)}.state.json"
+
+
+def read_state(loaded: Loaded) -> State | None:
+    path = state_path(loaded)
+    try:
+        return State(**json.loads(path.read_text()))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError) as exc:
+        raise StepError("read state", f"{path} is unreadable ({exc})", f"delete {path} to plan from scratch") from None
+
+
+def write_state(loaded: Loaded, state: State) -> None:
+    write_atomic(state_path(loaded), json.dumps(asdict(state), indent=2, sort_keys=True) + "\n")
+
+
+def tag_for(loaded: Loaded) -> str:
+    """The deployment tag: the manifest's content hash, so Modal's history names the manifest."""
+    return f"manifest-{loaded.sha256[:12]}"
+
+
+# ## Deploying
+
+
+def import_module(path: Path) -> ModuleType:
+    name = f"liftdeploy_deploy_{path.stem}_{abs(hash(path))}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        raise StepError("import", f"the rendered module does not import: {type(exc).__name__}: {exc}") from None
+    return module
+
+
+@contextlib.contextmanager
+def rendered_module(loaded: Loaded) -> Iterator[tuple[Path, str]]:
+    """The fresh render in a temporary folder, under its final file name."""
+    with tempfile.TemporaryDirectory(prefix="liftdeploy-apply-") as tmp:
+        text = render(loaded)
+        path = Path(tmp) / f"{module_name(loaded)}.py"
+        write_atomic(path, text)
+        yield path, text
+
+
+def web_urls(module: ModuleType) -> dict[str, str]:
+    """The URL Modal assigned to each endpoint label, read from the deployed functions."""
+    urls = {}
+    for ep in module.ENDPOINTS:
+        name = "web_" + ep["label"].replace("-", "_")
+        try:
+            target = getattr(module, name) if ep["kind"] == "health" else getattr(module.Inference(), name)
+            url = target.get_web_url()
+        except Exception:  # an older client or an unhydrated handle: fall back to the manifest's scheme
+            url = None
+        if url:
+            urls[ep["label"]] = url
+    return urls
+
+
+def deploy(loaded: Loaded, path: Path) -> tuple[str | None, dict[str, str]]:
+    """`app.deploy()` of the module at `path`; returns the app id and the endpoint URLs."""
+    import modal
+    import modal.exception
+
+    module = import_module(path)
+    app = module.app
+    m = loaded.manifest
+    try:
+        with modal.enable_output():
+            app.deploy(name=m.app.name, environment_name=m.app.environment, tag=tag_for(loaded))
+    except modal.exception.AuthError as exc:
+        raise StepError("deploy", f"Modal refused the credentials: {exc}", "run `modal token new`") from None
+    except (modal.exception.Error, OSError) as exc:
+        raise StepError("deploy", f"{type(exc).__name__}: {exc}", "nothing was changed locally; fix and re-run apply") from None
+    except Exception as exc:  # grpclib and friends: still a failed deploy, not a crash
+        raise StepError("deploy", f"{type(exc).__name__}: {exc}", "nothing was changed locally; fix and re-run apply") from None
+    return app.app_id, web_urls(module)
+
+
+def modal_serve(loaded: Loaded) -> int:
+    """`modal serve` of the rendered module, with hot reload."""
+    path = output_path(loaded)
+    write_atomic(path, render(loaded))
+    cmd = [sys.executable, "-m", "modal", "serve", str(path)]
+    if loaded.manifest.app.environment:
+        cmd += ["--env", loaded.manifest.app.environment]
+    return subprocess.call(cmd)
+
+
+def destroy(loaded: Loaded) -> int:
+    """Stop the Modal app (`modal app stop`)."""
+    m = loaded.manifest
+    return subprocess.call([sys.executable, "-m", "modal", "app", "stop", m.app.name, "--env", m.app.environment, "--yes"])
+
+
+# ## apply
+
+
+@dataclass
+class Step:
+    name: str
+    seconds: float
+    detail: str = ""
+
+
+def apply(loaded: Loaded, *, settings: dict[str, Any], verify: bool = True, warmup_timeout: float = 600.0,
+          on_step: Callable[[Step], None] = lambda step: None,
+          progress: Callable[[float, str], None] | None = None) -> list[Step]:
+    """Render → deploy → record state → warm-up → smoke. The caller has run `check` first."""
+    from . import verify as verifying
+    from .client import Client, Endpoints, Timeouts
+
+    steps: list[Step] = []
+
+    def done(name: str, started: float, detail: str = "") -> None:
+        steps.append(Step(name, time.monotonic() - started, detail))
+        on_step(steps[-1])
+
+    with rendered_module(loaded) as (path, text):
+        started = time.monotonic()
+        app_id, urls = deploy(loaded, path)
+        done("deploy", started, app_id or "")
+        started = time.monotonic()
+        write_atomic(output_path(loaded), text)
+        m = loaded.manifest
+        write_state(loaded, State(str(loaded.path), loaded.env, loaded.sha256, m.app.name, m.app.environment,
+                                  tag_for(loaded), app_id, urls, settings))
+        done("record state", started, str(state_path(loaded)))
+    if not verify:
+        return steps
+    endpoints = [{"kind": ep.kind.value, "label": ep.label, "auth": ep.auth.value} for ep in m.endpoints]
+    missing = [ep["label"] for ep in endpoints if ep["label"] not in urls]
+    if missing:
+        if not m.app.workspace:
+            raise StepError("warm-up", f"Modal returned no URL for {', '.join(missing)}",
+                            "set `app.workspace`, or run `liftdeploy warmup URL` yourself")
+        urls = {**Endpoints.modal(m.app.workspace, m.app.environment, endpoints).urls, **urls}
+    client = Client(Endpoints(urls, {ep["label"]: ep["auth"] for ep in endpoints}),
+                    {ep["label"]: ep["kind"] for ep in endpoints}, timeouts=Timeouts(cold_read=warmup_timeout))
+    with client:
+        started = time.monotonic()
+        if any(ep["kind"] == "warmup" for ep in endpoints):
+            answer = verifying.warmup(client, deadline=warmup_timeout, progress=progress)
+            done("warm-up", started, f"model loaded in {answer.get('load_seconds') or 0:.1f} s")
+        started = time.monotonic()
+        result = verifying.smoke(client)
+        done("smoke test", started, f"finish_reason={result.generation.finish_reason}")
+    return steps
