@@ -297,6 +297,39 @@ def smoke(target: TargetArg, env: EnvOption = None,
                f"tokens={gen.tokens_used} model={gen.model}")
 
 
+@app.command()
+@reports_errors
+def bench(
+    target: TargetArg,
+    env: EnvOption = None,
+    concurrency: Annotated[str, typer.Option("--concurrency", "-c", help="Comma-separated concurrency levels.")] = "1,2,4,8",
+    requests: Annotated[int, typer.Option("--requests", "-n", help="Requests per level (at least the level).")] = 16,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help="max_tokens of each request.")] = 64,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for bench.json and bench.png.")] = Path("bench-results"),
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to allow a cold start.")] = 600.0,
+) -> None:
+    """Benchmark: time to first response (cold start), warm p50/p95/p99 and tokens/s per concurrency."""
+    from . import bench as benching
+    from . import verify
+    from .client import AsyncClient
+    from .errors import UsageError
+    from .render import write_atomic
+
+    try:
+        levels = [int(x) for x in concurrency.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--concurrency `{concurrency}` is not a list of numbers", "e.g. --concurrency 1,2,4,8") from None
+    if not levels or min(levels) < 1:
+        raise UsageError("--concurrency needs positive levels", "e.g. --concurrency 1,2,4,8")
+    with verify.client_for(target, env, timeout=timeout) as client:
+        report = benching.run(client, verify.client_for(target, env, timeout=timeout, cls=AsyncClient),
+                              target=target, concurrency=levels, requests=requests, max_tokens=max_tokens)
+    write_atomic(out / "bench.json", report.to_json())
+    plotted = benching.plot(report, out / "bench.png")
+    typer.echo(benching.summary(report))
+    typer.echo(f"wrote {out / 'bench.json'}" + (f" and {out / 'bench.png'}" if plotted else ""))
+
+
 def main() -> None:
     app()
 

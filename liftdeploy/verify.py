@@ -86,12 +86,13 @@ def smoke(client: Client) -> SmokeResult:
     return SmokeResult(health, warm, generation, time.monotonic() - started)
 
 
-def client_for(target: str, env: str | None = None, *, timeout: float = 600.0, **kwargs: Any) -> Client:
-    """A client for a manifest (URLs derived) or a base URL (e.g. `serve --local`)."""
+def client_for(target: str, env: str | None = None, *, timeout: float = 600.0, cls: type = Client,
+               **kwargs: Any) -> Any:
+    """A client (`cls`: Client or AsyncClient) for a manifest (URLs derived) or a base URL (`serve --local`)."""
     timeouts = Timeouts(cold_read=timeout)
     if target.startswith(("http://", "https://")):
-        return Client.for_url(target, _remote_endpoints(target), timeouts=timeouts, **kwargs)
-    return Client.for_manifest(target, env, timeouts=timeouts, **kwargs)
+        return cls.for_url(target, _remote_endpoints(target), timeouts=timeouts, **kwargs)
+    return cls.for_manifest(target, env, timeouts=timeouts, **kwargs)
 
 
 def _remote_endpoints(base_url: str) -> list[dict[str, str]] | None:
