@@ -1,5 +1,5 @@
 # Rendered by liftdeploy 0.1.0 from "deployments/qwen3-8b.toml"; edit the manifest, not this file.
-# manifest sha256: ab9483f62e6d8d9146deb1be5bfc81e8d83bf04a51d871bc7c80a95a243c4594
+# manifest sha256: e53c9e14c4a0be36240332bc71979ab7fef5b969433c3c2ee4dfd2b8c29b6dfb
 # re-render: liftdeploy render "deployments/qwen3-8b.toml"
 """Schema-constrained JSON generation on Modal: vLLM serves the model, XGrammar
 constrains every token to the JSON schema sent with each request.
@@ -28,7 +28,7 @@ MINUTES = 60  # seconds
 APP_NAME = "qwen3-structured"
 MODEL_NAME = "Qwen/Qwen3-8B"
 MODEL_REVISION = "b968826d9c46dd6066d109eabc6255188de91218"  # avoid surprises when the repo updates
-VLLM_VERSION = "0.33.0"
+VLLM_VERSION = "0.32.0"
 # GPUs to try, in this order (`any` expanded to every other GPU that fits the model).
 GPU = ["L40S", "A100-80GB", "L4", "A10G", "A100-40GB", "RTX-PRO-6000", "H100", "H200", "B200"]
 
@@ -39,7 +39,9 @@ GPU = ["L40S", "A100-80GB", "L4", "A10G", "A100-40GB", "RTX-PRO-6000", "H100", "
 vllm_image = (
     modal.Image.debian_slim(python_version="3.12")
     .uv_pip_install(
-        "vllm==0.33.0",
+        "vllm==0.32.0",
+        "transformers==5.19.0",
+        "xgrammar==0.2.8",
     )
     .env({"HF_HOME": "/models", "VLLM_CACHE_ROOT": "/root/.cache/vllm", "HF_XET_HIGH_PERFORMANCE": "1"})
 )
@@ -162,7 +164,7 @@ class ChatCompletionRequest(BaseModel):
 
 
 # ## The engine
-# vLLM 0.33.0 takes its structured-output request in the "structured_outputs" form.
+# vLLM 0.32.0 takes its structured-output request in the "structured_outputs" form.
 # vllm is imported only inside the container, so this module imports anywhere.
 
 ENGINE_ARGS = {

@@ -7,6 +7,7 @@ that does not validate is invalid input (exit 2).
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Callable, Iterator
@@ -82,7 +83,7 @@ def pins(loaded: Loaded, text: str) -> Iterator[Finding]:
         path = f"image.pins.{f.package}" if f.package in m.image.pins else "image.pins"
         if f.code.startswith("python"):
             path = "image.python"
-        yield _finding(loaded, text, "error", f.code, path, f.message, f.hint)
+        yield _finding(loaded, text, f.severity, f.code, path, f.message, f.hint)
 
 
 @rule
@@ -183,11 +184,16 @@ def drift_findings(loaded: Loaded) -> Iterator[Finding]:
                       str(loaded.path), "", None, loaded.env)
 
 
-def resolve_findings(loaded: Loaded, text: str) -> Iterator[Finding]:
+@functools.lru_cache(maxsize=64)
+def _resolved(requirements: tuple[str, ...], python: str):
     from .resolve import resolve
 
+    return resolve(list(requirements), python_version=python)
+
+
+def resolve_findings(loaded: Loaded, text: str) -> Iterator[Finding]:
     m = loaded.manifest
-    result = resolve(m.image.requirements(), python_version=m.image.python)
+    result = _resolved(tuple(m.image.requirements()), m.image.python)
     if not result.ok:
         first = result.output.strip().splitlines()
         yield _finding(loaded, text, "error", "resolve", "image.pins",
@@ -251,14 +257,19 @@ def check(paths: list[Path], *, resolve: bool = False, drift_check: bool = True)
                                   for p in exc.problems)
             continue
         envs = [load(path, name) for name in base.manifest.env]
+        seen: set[tuple[str, str, str]] = set()  # an env repeats none of the base's findings
         for loaded in [base, *envs]:
             report.checked.append(loaded.label)
-            for each in RULES:
-                report.findings.extend(each(loaded, text))
+            found = [f for each in RULES for f in each(loaded, text)]
             if drift_check:
-                report.findings.extend(drift_findings(loaded))
+                found.extend(drift_findings(loaded))
             if resolve:
-                report.findings.extend(resolve_findings(loaded, text))
+                found.extend(resolve_findings(loaded, text))
+            for f in found:
+                key = (f.code, f.path, f.message)
+                if loaded.env is None or key not in seen:
+                    report.findings.append(f)
+                seen.add(key)
         report.findings.extend(overlay_collisions(base, envs, text))
     return report
 
