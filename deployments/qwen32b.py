@@ -8,8 +8,6 @@ Read it top to bottom in deploy order: image, weights, configuration, request
 validation, engine, HTTP endpoints, Modal functions.
 """
 
-from __future__ import annotations
-
 import asyncio
 import json
 import time

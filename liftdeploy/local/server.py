@@ -131,9 +131,8 @@ def build(loaded: Loaded, engine: Any, credentials: Credentials | None = None) -
     if credentials.token:
         os.environ[TOKEN_ENV] = credentials.token  # what the Modal Secret provides in the cloud
     apps, auth, index = {}, {}, {}
-    for ep in endpoints:
-        uses_engine = ep["kind"] != "health"
-        apps[ep["label"]] = module.create_app(ep["kind"], engine if uses_engine else None, auth=ep["auth"])
+    for ep in endpoints:  # health gets the engine only to report the smoke model; it never calls it
+        apps[ep["label"]] = module.create_app(ep["kind"], engine, auth=ep["auth"])
         auth[ep["label"]] = ep["auth"]
         index[ep["label"]] = {"kind": ep["kind"], "auth": ep["auth"], "path": f"/{ep['label']}"}
     return LabelRouter(apps, auth, credentials, index)
