@@ -260,8 +260,8 @@ def create_app(kind: str, engine: Any = None, auth: str = "none"):
         in_flight += 1
         try:
             return await engine.generate(messages, schema, max_tokens=max_tokens, temperature=temperature, top_p=top_p)
-        except HTTPException:
-            raise
+        except ValueError as exc:  # the engine refused this request, e.g. a prompt longer than the context
+            raise HTTPException(400, detail=f"request refused by the engine: {exc}") from None
         except Exception as exc:  # the engine failed: the client may retry, it did nothing wrong
             raise unavailable(f"engine error: {type(exc).__name__}") from None
         finally:

@@ -1,5 +1,5 @@
 # Rendered by liftdeploy 0.1.0 from "deployments/qwen3-8b.toml", env "prod"; edit the manifest, not this file.
-# manifest sha256: e53c9e14c4a0be36240332bc71979ab7fef5b969433c3c2ee4dfd2b8c29b6dfb
+# manifest sha256: 9d155bbdc0c268c25e75f6217074fca060a1825a69be2b2432aa9ee6d0ea1363
 # re-render: liftdeploy render "deployments/qwen3-8b.toml" --env "prod"
 """Schema-constrained JSON generation on Modal: vLLM serves the model, XGrammar
 constrains every token to the JSON schema sent with each request.
@@ -78,7 +78,7 @@ ENDPOINTS = [
     {"kind": "health", "label": "health", "auth": "none"},
     {"kind": "warmup", "label": "warmup", "auth": "bearer"},
     {"kind": "generate", "label": "generate", "auth": "bearer"},
-    {"kind": "openai", "label": "v1", "auth": "bearer"},
+    {"kind": "openai", "label": "openai", "auth": "bearer"},
 ]
 TOKEN_ENV = "LIFTDEPLOY_API_TOKEN"  # set by the Modal Secret "qwen3-api-token"
 
@@ -294,8 +294,8 @@ def create_app(kind: str, engine: Any = None, auth: str = "none"):
         in_flight += 1
         try:
             return await engine.generate(messages, schema, max_tokens=max_tokens, temperature=temperature, top_p=top_p)
-        except HTTPException:
-            raise
+        except ValueError as exc:  # the engine refused this request, e.g. a prompt longer than the context
+            raise HTTPException(400, detail=f"request refused by the engine: {exc}") from None
         except Exception as exc:  # the engine failed: the client may retry, it did nothing wrong
             raise unavailable(f"engine error: {type(exc).__name__}") from None
         finally:
@@ -447,8 +447,8 @@ class Inference:
     def web_generate(self):
         return create_app("generate", self.engine, auth="bearer")
 
-    @modal.asgi_app(label="v1")
-    def web_v1(self):
+    @modal.asgi_app(label="openai")
+    def web_openai(self):
         return create_app("openai", self.engine, auth="bearer")
 
 

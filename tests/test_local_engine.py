@@ -362,7 +362,7 @@ def test_concurrent_generate_calls_complete_and_loop_stays_free(engine):
 
     results, ticks = _run(main())
     assert len(results) == len(schemas)
-    for res, schema in zip(results, schemas):
+    for res, schema in zip(results, schemas, strict=True):
         _assert_valid(res, schema)
     assert ticks > 3  # the event loop kept running while the model worked in a thread
 

@@ -642,7 +642,7 @@ class _Handlers:
                 raise
             except Exception as exc:  # noqa: BLE001 - a bug in the double: fail loudly with a status modal does not retry
                 plane.errors.append((name, exc))
-                raise GRPCError(grpclib.Status.DATA_LOSS, f"control-plane double crashed in {name}: {exc!r}")
+                raise GRPCError(grpclib.Status.DATA_LOSS, f"control-plane double crashed in {name}: {exc!r}") from exc
             if cardinality is grpclib.const.Cardinality.UNARY_STREAM:
                 for item in reply:
                     await stream.send_message(item)

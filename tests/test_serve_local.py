@@ -1,0 +1,200 @@
+"""End to end over real HTTP: the rendered module's own FastAPI apps, served on 127.0.0.1 with the
+local CPU engine (XGrammar + transformers on the offline smoke model), as `serve --local` does."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import jsonschema
+import pytest
+
+from liftdeploy.local.engine import LocalEngine
+from liftdeploy.local.server import Credentials, LocalServer, build
+from liftdeploy.manifest import load
+from tests.conftest import DEPLOYMENTS
+
+SHORT = {"type": "string", "maxLength": 12}
+SCHEMAS = {
+    "nested": {
+        "type": "object",
+        "properties": {"user": {"type": "object", "properties": {"name": SHORT, "age": {"type": "integer", "minimum": 0,
+                                                                                        "maximum": 120}},
+                                "required": ["name", "age"]}},
+        "required": ["user"],
+    },
+    "array-bounds": {
+        "type": "object",
+        "properties": {"tags": {"type": "array", "items": SHORT, "minItems": 2, "maxItems": 3}},
+        "required": ["tags"],
+    },
+    "enum": {
+        "type": "object",
+        "properties": {"level": {"enum": ["low", "medium", "high"]}, "ok": {"type": "boolean"}},
+        "required": ["level", "ok"],
+    },
+    "bounded-integers": {
+        "type": "object",
+        "properties": {"x": {"type": "integer", "minimum": -5, "maximum": 5},
+                       "y": {"type": "integer", "minimum": 100, "maximum": 200}},
+        "required": ["x", "y"],
+    },
+    "optional-fields": {
+        "type": "object",
+        "properties": {"id": {"type": "integer", "minimum": 1, "maximum": 99}, "note": SHORT, "extra": {"type": "boolean"}},
+        "required": ["id"],
+        "additionalProperties": False,
+    },
+    "seeds-ir": {
+        "type": "object",
+        "properties": {
+            "intent": {"type": "object", "properties": {"summary": {"type": "string", "maxLength": 40}},
+                       "required": ["summary"]},
+            "signature": {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string", "maxLength": 20},
+                    "parameters": {"type": "array", "maxItems": 3, "items": {
+                        "type": "object", "properties": {"name": {"type": "string", "maxLength": 10},
+                                                         "type_hint": {"type": "string", "maxLength": 10}},
+                        "required": ["name", "type_hint"]}},
+                    "returns": {"type": "string", "maxLength": 10},
+                },
+                "required": ["name", "parameters", "returns"],
+            },
+        },
+        "required": ["intent", "signature"],
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def engine():
+    engine = LocalEngine(None, max_model_len=2048)
+    engine.start()
+    return engine
+
+
+@pytest.fixture(scope="module")
+def qwen32b(engine):
+    """The seeds' deployment: health public, generate and warmup behind Modal proxy auth."""
+    creds = Credentials(proxy_key="wk-test", proxy_secret="ws-test")
+    with LocalServer(build(load(DEPLOYMENTS / "qwen32b.toml"), engine, creds)) as server:
+        yield server, {"Modal-Key": "wk-test", "Modal-Secret": "ws-test"}
+
+
+@pytest.fixture(scope="module")
+def qwen3(engine):
+    """A current vLLM with bearer auth and the OpenAI-compatible route."""
+    creds = Credentials(token="t0ken-for-tests")
+    with LocalServer(build(load(DEPLOYMENTS / "qwen3-8b.toml"), engine, creds)) as server:
+        yield server, {"Authorization": "Bearer t0ken-for-tests"}
+
+
+@pytest.mark.parametrize("name", list(SCHEMAS))
+def test_generate_matches_schema(qwen32b, name):
+    server, auth = qwen32b
+    schema = SCHEMAS[name]
+    response = httpx.post(f"{server.url}/generate", headers=auth, timeout=120,
+                          json={"prompt": f"Give me {name}", "schema": schema, "max_tokens": 400, "temperature": 0.7})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"] == "smoke:qwen2"
+    assert body["finish_reason"] == "stop", body  # every string is bounded, so the grammar must finish
+    assert body["complete"] is True
+    assert json.loads(body["text"]) == body["ir_json"]
+    jsonschema.validate(body["ir_json"], schema)
+    assert body["tokens_used"] > 0 and body["generation_time_ms"] > 0
+
+
+def test_cut_by_max_tokens_is_never_presented_as_valid(qwen32b):
+    server, auth = qwen32b
+    body = httpx.post(f"{server.url}/generate", headers=auth, timeout=60,
+                      json={"prompt": "x", "schema": SCHEMAS["seeds-ir"], "max_tokens": 3}).json()
+    assert body["finish_reason"] == "length"
+    assert body["complete"] is False and body["ir_json"] is None
+    assert body["text"]
+
+
+@pytest.mark.parametrize(
+    ("payload", "status", "fragment"),
+    [
+        ({"prompt": "add"}, 422, '"schema"'),  # the seeds' KeyError: 'schema'
+        ({"schema": {"type": "object"}}, 422, '"prompt"'),
+        ({"prompt": "x", "schema": {"type": "object"}, "max_tokens": "many"}, 422, '"max_tokens"'),
+        ({"prompt": "x", "schema": {"type": "object"}, "max_tokens": 999_999}, 422, '"max_tokens"'),
+        ({"prompt": "x", "schema": {"type": "object"}, "temperature": 9}, 422, '"temperature"'),
+        ({"prompt": "x" * 40_000, "schema": {"type": "object"}}, 422, '"prompt"'),
+        ({"prompt": "x", "schema": "not an object"}, 422, '"schema"'),
+        ({"prompt": "x", "schema": {"type": "object"}, "surprise": 1}, 422, '"surprise"'),
+        ({"prompt": "x", "schema": {"type": 12}}, 400, "invalid JSON Schema"),
+        ({"prompt": "x", "schema": {"$ref": "#/definitions/missing"}}, 400, "cannot be used for constrained decoding"),
+        ({"prompt": "x", "schema": {"type": "integer", "minimum": 5, "maximum": 1}}, 400, "constrained decoding"),
+        ({"prompt": "x", "schema": json.loads("[" * 0 + '{"a":' * 40 + "1" + "}" * 40)}, 422, "nests deeper"),
+    ],
+    ids=["missing-schema", "missing-prompt", "mistyped", "max-tokens-bound", "temperature-bound", "long-prompt",
+         "schema-not-object", "unknown-field", "invalid-schema", "unresolvable-ref", "contradictory", "too-deep"],
+)
+def test_client_errors_are_4xx_never_500(qwen32b, payload, status, fragment):
+    server, auth = qwen32b
+    response = httpx.post(f"{server.url}/generate", headers=auth, json=payload, timeout=60)
+    assert response.status_code == status, response.text
+    assert fragment in response.text
+
+
+def test_oversized_body_is_413(qwen32b):
+    server, auth = qwen32b
+    response = httpx.post(f"{server.url}/generate", headers={**auth, "content-type": "application/json"},
+                          content=b'{"prompt": "' + b"x" * 1_100_000 + b'"}', timeout=60)
+    assert response.status_code == 413
+
+
+def test_health_warmup_and_auth(qwen32b):
+    server, auth = qwen32b
+    health = httpx.get(f"{server.url}/health").json()  # public: auth = "none" in the manifest
+    assert health["status"] == "healthy" and health["smoke_model"] is True
+    assert health["gpu"] == ["A100-80GB", "H100"]
+    assert httpx.get(f"{server.url}/warmup").status_code == 401
+    assert httpx.get(f"{server.url}/warmup", headers={**auth, "Modal-Secret": "wrong"}).status_code == 401
+    warm = httpx.get(f"{server.url}/warmup", headers=auth).json()
+    assert warm["model_loaded"] is True and warm["load_seconds"] > 0
+    assert httpx.post(f"{server.url}/generate", json={"prompt": "x", "schema": {}}).status_code == 401
+    assert httpx.get(f"{server.url}/nowhere").status_code == 404
+
+
+def test_bearer_auth(qwen3):
+    server, auth = qwen3
+    payload = {"prompt": "x", "schema": SCHEMAS["enum"], "max_tokens": 64}
+    assert httpx.post(f"{server.url}/generate", json=payload, timeout=60).status_code == 401
+    wrong = httpx.post(f"{server.url}/generate", json=payload, headers={"Authorization": "Bearer nope"}, timeout=60)
+    assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
+    assert httpx.post(f"{server.url}/generate", json=payload, headers=auth, timeout=60).status_code == 200
+
+
+def test_model_still_loading_is_503_with_retry_after():
+    engine = LocalEngine(None)  # never started: what a request meets while the model loads
+    with LocalServer(build(load(DEPLOYMENTS / "qwen32b.toml"), engine, Credentials(None, "k", "s"))) as server:
+        response = httpx.post(f"{server.url}/generate", headers={"Modal-Key": "k", "Modal-Secret": "s"},
+                              json={"prompt": "x", "schema": {"type": "object"}})
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "5"
+
+
+def test_openai_sdk_structured_output(qwen3):
+    openai = pytest.importorskip("openai")
+    server, auth = qwen3
+    client = openai.OpenAI(base_url=f"{server.url}/openai/v1", api_key="t0ken-for-tests", max_retries=0)
+    assert [m.id for m in client.models.list()] == ["Qwen/Qwen3-8B"]
+    schema = SCHEMAS["bounded-integers"]
+    completion = client.chat.completions.create(
+        model="Qwen/Qwen3-8B",
+        messages=[{"role": "user", "content": "Two numbers, please."}],
+        response_format={"type": "json_schema", "json_schema": {"name": "numbers", "schema": schema}},
+        max_tokens=128,
+    )
+    choice = completion.choices[0]
+    assert choice.finish_reason == "stop"
+    jsonschema.validate(json.loads(choice.message.content), schema)
+    assert completion.usage.completion_tokens > 0
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server.url}/openai/v1", api_key="wrong", max_retries=0).models.list()
