@@ -1,0 +1,29 @@
+"""A bounded load test on loopback (marked `load`; CI runs it): backpressure and recovery.
+
+benchmarks/load.py is the full 30 s run; this is a short one with the same code."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.load
+
+spec = importlib.util.spec_from_file_location("load_bench", Path(__file__).parent.parent / "benchmarks" / "load.py")
+load_bench = importlib.util.module_from_spec(spec)
+sys.modules["load_bench"] = load_bench  # dataclasses look their module up there
+spec.loader.exec_module(load_bench)
+
+
+def test_overload_is_503_with_retry_after_and_the_server_recovers():
+    server, headers = load_bench.serve_seeds_deployment()
+    with server:
+        result = asyncio.run(load_bench.load(f"{server.url}/generate", headers, clients=32, seconds=6))
+    assert result.unexpected == 0, result.statuses  # only 200s and deliberate 503s; no 500, no dropped connection
+    assert result.statuses.get("200", 0) > 0
+    assert result.statuses.get("503", 0) > 0  # 32 clients > 20 max_inputs: backpressure answered, not queued
+    assert result.after_ms < max(5 * result.baseline_ms, result.baseline_ms + 2000)  # back to normal after
