@@ -53,6 +53,11 @@ _PACKAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(\[[A-Za-z0-9,._-]+\])?$")
 _VERSION = re.compile(r"^[0-9][0-9A-Za-z.+!-]*$")
 _ENV_VAR = re.compile(r"^[A-Z_][A-Z0-9_]*$")
 _POSIX_PATH = re.compile(r"^/[A-Za-z0-9._/-]*$")
+# Credentials that are also valid Secret names: Hugging Face, OpenAI, GitHub, Modal, AWS keys.
+_TOKEN_LIKE = re.compile(
+    r"^(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{16,}|gh[pousr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,}"
+    r"|a[ks]-[A-Za-z0-9]{16,}|AKIA[A-Z0-9]{16})$"
+)
 
 
 def invalid(message: str, hint: str | None = None, at: tuple[str | int, ...] = ()) -> PydanticCustomError:
@@ -551,6 +556,10 @@ class SecretsSection(Section):
         if value is not None and not _SECRET_NAME.match(value):
             raise invalid(f"`{value}` is not a Modal Secret name",
                           "name the Secret (`modal secret create NAME KEY=...`), never its value")
+        if value is not None and _TOKEN_LIKE.match(value):
+            raise invalid(f"`{value[:3]}...` looks like a token, not a Modal Secret name",
+                          "put the token in a Modal Secret (`modal secret create NAME KEY=...`), "
+                          "write the Secret's name here, and revoke the token: it may have been shared")
         return value
 
 
