@@ -128,6 +128,17 @@ def image_env(m: Manifest) -> dict[str, str]:
     return env
 
 
+def source_name(path: Path) -> str:
+    """How the header names the manifest: relative to its project (the nearest folder with
+    `.git` or `pyproject.toml`), else by file name; never by the working directory or by how
+    the path was spelled, so every invocation renders the same bytes."""
+    path = Path(os.path.abspath(path))
+    for root in path.parents:
+        if (root / ".git").exists() or (root / "pyproject.toml").exists():
+            return path.relative_to(root).as_posix()
+    return path.name
+
+
 def context(loaded: Loaded) -> dict[str, Any]:
     m = loaded.manifest
     mounts = []
@@ -142,7 +153,7 @@ def context(loaded: Loaded) -> dict[str, Any]:
     return {
         "m": m,
         "version": __version__,
-        "source": loaded.path.as_posix(),
+        "source": source_name(loaded.path),
         "env": loaded.env,
         "sha256": loaded.sha256,
         "gpu_chain": m.gpu_chain(),
