@@ -332,6 +332,10 @@ class ImageSection(Section):
         for key in env:
             if not _ENV_VAR.match(key):
                 raise invalid(f"`{key}` is not an environment variable name", "use UPPER_SNAKE_CASE", (key,))
+            if any(char in env[key] for char in "\n\r\0"):
+                # Modal writes each variable as a Dockerfile `ENV` line: a line break would end it
+                raise invalid(f"the value of `{key}` is not one line",
+                              "image environment values cannot hold line breaks", (key,))
         return env
 
     @property
