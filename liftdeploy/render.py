@@ -184,16 +184,25 @@ def output_path(loaded: Loaded, out_dir: Path | str | None = None) -> Path:
 
 def write_atomic(path: Path, text: str) -> None:
     """Write through a temporary file and a rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    hint = "check that the output directory can be created and written to"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StepError("write", f"cannot create the directory {path.parent}: {exc.strerror or exc}", hint) from None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise StepError("write", f"cannot write {path}: {exc.strerror or exc}", hint) from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise StepError("write", f"cannot write {path}: {exc.strerror or exc}", hint) from None
         raise
 
 
