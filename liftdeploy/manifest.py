@@ -193,6 +193,17 @@ class GpuSpec(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: Any, handler: Any) -> dict[str, Any]:
+        # Written as a string in TOML (parsed by `_parse`), not as the object it becomes.
+        return {
+            "type": "string",
+            "title": "GPU",
+            "description": cls.__doc__,
+            "pattern": r"^[A-Za-z0-9][A-Za-z0-9!+-]*(:[0-9]+)?$",
+            "examples": [*catalog.gpu_names(), "H100:2", catalog.ANY_GPU],
+        }
+
     type: str
     count: int = 1
 
