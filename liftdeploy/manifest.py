@@ -720,6 +720,9 @@ def read(path: Path | str) -> tuple[dict[str, Any], str, bytes]:
         message = re.sub(r"\s*\(at line \d+, column \d+\)", "", message)
         raise ManifestError.single(path, f"invalid TOML: {message[:1].lower() + message[1:]}",
                                    "see https://toml.io for the syntax", line=line) from None
+    except RecursionError:
+        raise ManifestError.single(path, "invalid TOML: arrays or tables nested too deeply",
+                                   "a manifest nests a few levels at most; is this the right file?") from None
     return data, text, raw
 
 
