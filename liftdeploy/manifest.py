@@ -739,7 +739,8 @@ def load(path: Path | str, env: str | None = None) -> Loaded:
                 else "this manifest has no `[env.<name>]` tables"
             raise ManifestError.single(path, f"no env `{env}`", hint, path="env")
         if not isinstance(overlays[env], dict):
-            raise ManifestError.single(path, f"`env.{env}` must be a table", path=f"env.{env}")
+            raise ManifestError.single(path, f"`env.{env}` must be a table", f"write `[env.{env}]` and the keys it changes",
+                                       path=f"env.{env}", line=locate(text, ["env", env]))
         merged = deep_merge({k: v for k, v in data.items() if k != "env"}, overlays[env])
         merged["env"] = overlays
     try:
