@@ -53,11 +53,20 @@ _PACKAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(\[[A-Za-z0-9,._-]+\])?$")
 _VERSION = re.compile(r"^[0-9][0-9A-Za-z.+!-]*$")
 _ENV_VAR = re.compile(r"^[A-Z_][A-Z0-9_]*$")
 _POSIX_PATH = re.compile(r"^/[A-Za-z0-9._/-]*$")
+# Credentials that are also valid Secret names: Hugging Face, OpenAI, GitHub, Modal, AWS keys.
+_TOKEN_LIKE = re.compile(
+    r"^(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{16,}|gh[pousr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,}"
+    r"|a[ks]-[A-Za-z0-9]{16,}|AKIA[A-Z0-9]{16})$"
+)
 
 
-def invalid(message: str, hint: str | None = None) -> PydanticCustomError:
-    """A validation error with a hint, raised from inside the models."""
-    return PydanticCustomError("liftdeploy", "{message}", {"message": message, "hint": hint})
+def invalid(message: str, hint: str | None = None, at: tuple[str | int, ...] = ()) -> PydanticCustomError:
+    """A validation error with a hint, raised from inside the models.
+
+    `at` is the key path below the validated value that the mistake is in (e.g. the entry
+    of a list, or the field a whole-section check blames), so errors name the exact key.
+    """
+    return PydanticCustomError("liftdeploy", "{message}", {"message": message, "hint": hint, "at": at})
 
 
 def _did_you_mean(word: str, choices: list[str]) -> str | None:
@@ -184,6 +193,17 @@ class GpuSpec(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: Any, handler: Any) -> dict[str, Any]:
+        # Written as a string in TOML (parsed by `_parse`), not as the object it becomes.
+        return {
+            "type": "string",
+            "title": "GPU",
+            "description": cls.__doc__,
+            "pattern": r"^[A-Za-z0-9][A-Za-z0-9!+-]*(:[0-9]+)?$",
+            "examples": [*catalog.gpu_names(), "H100:2", catalog.ANY_GPU],
+        }
+
     type: str
     count: int = 1
 
@@ -243,9 +263,9 @@ class ComputeSection(Section):
         names = [str(g) for g in chain]
         for i, spec in enumerate(chain):
             if spec.type == catalog.ANY_GPU and i != len(chain) - 1:
-                raise invalid("`any` must be the last entry of the chain", "move `\"any\"` to the end")
-            if names.count(names[i]) > 1:
-                raise invalid(f"`{names[i]}` is listed twice", "list each GPU once, in the order to try them")
+                raise invalid("`any` must be the last entry of the chain", "move `\"any\"` to the end", (i,))
+            if names[i] in names[:i]:
+                raise invalid(f"`{names[i]}` is listed twice", "list each GPU once, in the order to try them", (i,))
         return chain
 
 
@@ -291,11 +311,12 @@ class ImageSection(Section):
     def _pins(cls, pins: dict[str, str]) -> dict[str, str]:
         for name, version in pins.items():
             if not _PACKAGE.match(name):
-                raise invalid(f"`{name}` is not a package name")
+                raise invalid(f"`{name}` is not a package name", at=(name,))
             if not _VERSION.match(version):
                 raise invalid(
                     f"`{name}` must be pinned to an exact version, got `{version}`",
                     f'write `"{name}" = "1.2.3"` (no operators: the image is reproducible)',
+                    (name,),
                 )
         return pins
 
@@ -309,10 +330,11 @@ class ImageSection(Section):
     @field_validator("packages")
     @classmethod
     def _packages(cls, packages: list[str]) -> list[str]:
-        for req in packages:
+        for i, req in enumerate(packages):
             name, sep, version = req.partition("==")
             if not sep or not _PACKAGE.match(name) or not _VERSION.match(version):
-                raise invalid(f"`{req}` is not pinned with `==`", f"write e.g. `{name.split('>')[0].split('<')[0]}==1.2.3`")
+                raise invalid(f"`{req}` is not pinned with `==`", f"write e.g. `{name.split('>')[0].split('<')[0]}==1.2.3`",
+                              (i,))
         return packages
 
     @field_validator("env")
@@ -320,7 +342,11 @@ class ImageSection(Section):
     def _env(cls, env: dict[str, str]) -> dict[str, str]:
         for key in env:
             if not _ENV_VAR.match(key):
-                raise invalid(f"`{key}` is not an environment variable name", "use UPPER_SNAKE_CASE")
+                raise invalid(f"`{key}` is not an environment variable name", "use UPPER_SNAKE_CASE", (key,))
+            if any(char in env[key] for char in "\n\r\0"):
+                # Modal writes each variable as a Dockerfile `ENV` line: a line break would end it
+                raise invalid(f"the value of `{key}` is not one line",
+                              "image environment values cannot hold line breaks", (key,))
         return env
 
     @property
@@ -365,7 +391,8 @@ class VolumesSection(Section):
     @model_validator(mode="after")
     def _distinct(self) -> VolumesSection:
         if self.weights and self.compile_cache and self.weights.mount == self.compile_cache.mount:
-            raise invalid("`weights` and `compile_cache` are mounted at the same path", "give each its own mount")
+            raise invalid("`weights` and `compile_cache` are mounted at the same path", "give each its own mount",
+                          ("compile_cache", "mount"))
         return self
 
 
@@ -400,6 +427,7 @@ class ScalingSection(Section):
             raise invalid(
                 f"min_containers ({self.min_containers}) is above max_containers ({self.max_containers})",
                 "raise max_containers or lower min_containers",
+                ("min_containers",),
             )
         return self
 
@@ -418,6 +446,7 @@ class ConcurrencySection(Section):
             raise invalid(
                 f"target_inputs ({self.target_inputs}) is above max_inputs ({self.max_inputs})",
                 "Modal requires target_inputs <= max_inputs",
+                ("target_inputs",),
             )
         return self
 
@@ -468,6 +497,7 @@ class DecodingSection(Section):
             raise invalid(
                 f"max_tokens ({self.max_tokens}) is above max_tokens_limit ({self.max_tokens_limit})",
                 "lower max_tokens or raise max_tokens_limit",
+                ("max_tokens",),
             )
         return self
 
@@ -528,8 +558,11 @@ class SecretsSection(Section):
     @field_validator("names")
     @classmethod
     def _names(cls, names: list[str]) -> list[str]:
-        for name in names:
-            cls._name(name)
+        for i, name in enumerate(names):
+            try:
+                cls._name(name)
+            except PydanticCustomError as error:
+                raise invalid(error.context["message"], error.context["hint"], (i,)) from None
         return names
 
     @field_validator("bearer")
@@ -538,6 +571,10 @@ class SecretsSection(Section):
         if value is not None and not _SECRET_NAME.match(value):
             raise invalid(f"`{value}` is not a Modal Secret name",
                           "name the Secret (`modal secret create NAME KEY=...`), never its value")
+        if value is not None and _TOKEN_LIKE.match(value):
+            raise invalid(f"`{value[:3]}...` looks like a token, not a Modal Secret name",
+                          "put the token in a Modal Secret (`modal secret create NAME KEY=...`), "
+                          "write the Secret's name here, and revoke the token: it may have been shared")
         return value
 
 
@@ -574,7 +611,7 @@ class Manifest(Section):
         for i, ep in enumerate(endpoints):
             if ep.label in seen:
                 raise invalid(f"label `{ep.label}` is used by endpoints[{seen[ep.label]}] and endpoints[{i}]",
-                              "each endpoint needs its own label (its own URL)")
+                              "each endpoint needs its own label (its own URL)", (i, "label"))
             seen[ep.label] = i
         if not endpoints:
             raise invalid("no endpoints", 'add `[[endpoints]]` with `kind = "generate"`')
@@ -585,26 +622,28 @@ class Manifest(Section):
     def _env_names(cls, env: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         for name in env:
             if not _LABEL.match(name):
-                raise invalid(f"`{name}` is not a valid env name", "lowercase letters, digits and `-`")
+                raise invalid(f"`{name}` is not a valid env name", "lowercase letters, digits and `-`", (name,))
         return env
 
     @model_validator(mode="after")
     def _across_sections(self) -> Manifest:
-        bearer = [ep.label for ep in self.endpoints if ep.auth is Auth.bearer]
+        bearer = [(i, ep.label) for i, ep in enumerate(self.endpoints) if ep.auth is Auth.bearer]
         if bearer and not self.secrets.bearer:
-            raise invalid(f"endpoint `{bearer[0]}` uses bearer auth but no secret holds the token",
-                          'set `secrets.bearer = "NAME"` of a Modal Secret with LIFTDEPLOY_API_TOKEN')
+            raise invalid(f"endpoint `{bearer[0][1]}` uses bearer auth but no secret holds the token",
+                          'set `secrets.bearer = "NAME"` of a Modal Secret with LIFTDEPLOY_API_TOKEN',
+                          ("endpoints", bearer[0][0], "auth"))
         if self.cold_start.compile_cache and self.volumes.compile_cache is None:
             raise invalid("cold_start.compile_cache needs a volume",
                           'add `[volumes.compile_cache]` with `name` and `mount = "/root/.cache/vllm"`,'
-                          " or set `cold_start.compile_cache = false`")
+                          " or set `cold_start.compile_cache = false`", ("cold_start", "compile_cache"))
         if any(ep.kind is EndpointKind.generate or ep.kind is EndpointKind.openai for ep in self.endpoints) is False:
-            raise invalid("nothing serves the model", 'add an endpoint with `kind = "generate"` or `"openai"`')
+            raise invalid("nothing serves the model", 'add an endpoint with `kind = "generate"` or `"openai"`',
+                          ("endpoints",))
         count = self.model.tensor_parallel_size
-        for spec in self.compute.gpu:
+        for i, spec in enumerate(self.compute.gpu):
             if spec.type != catalog.ANY_GPU and spec.count < count:
                 raise invalid(f"tensor_parallel_size is {count} but `{spec}` has {spec.count} GPU(s)",
-                              f'write `"{spec.type}:{count}"`')
+                              f'write `"{spec.type}:{count}"`', ("compute", "gpu", i))
         return self
 
     # ## Derived values used by checks, plan and render
@@ -681,6 +720,9 @@ def read(path: Path | str) -> tuple[dict[str, Any], str, bytes]:
         message = re.sub(r"\s*\(at line \d+, column \d+\)", "", message)
         raise ManifestError.single(path, f"invalid TOML: {message[:1].lower() + message[1:]}",
                                    "see https://toml.io for the syntax", line=line) from None
+    except RecursionError:
+        raise ManifestError.single(path, "invalid TOML: arrays or tables nested too deeply",
+                                   "a manifest nests a few levels at most; is this the right file?") from None
     return data, text, raw
 
 
@@ -697,7 +739,8 @@ def load(path: Path | str, env: str | None = None) -> Loaded:
                 else "this manifest has no `[env.<name>]` tables"
             raise ManifestError.single(path, f"no env `{env}`", hint, path="env")
         if not isinstance(overlays[env], dict):
-            raise ManifestError.single(path, f"`env.{env}` must be a table", path=f"env.{env}")
+            raise ManifestError.single(path, f"`env.{env}` must be a table", f"write `[env.{env}]` and the keys it changes",
+                                       path=f"env.{env}", line=locate(text, ["env", env]))
         merged = deep_merge({k: v for k, v in data.items() if k != "env"}, overlays[env])
         merged["env"] = overlays
     try:
@@ -727,6 +770,7 @@ def _problems(exc: ValidationError, path: Path, text: str, env: str | None) -> l
     problems = []
     for error in exc.errors():
         loc = [p for p in error["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
+        loc += (error.get("ctx") or {}).get("at", ())
         key = _key_path(loc)
         hint = (error.get("ctx") or {}).get("hint")
         message = error["msg"]

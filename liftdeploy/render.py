@@ -128,6 +128,17 @@ def image_env(m: Manifest) -> dict[str, str]:
     return env
 
 
+def source_name(path: Path) -> str:
+    """How the header names the manifest: relative to its project (the nearest folder with
+    `.git` or `pyproject.toml`), else by file name; never by the working directory or by how
+    the path was spelled, so every invocation renders the same bytes."""
+    path = Path(os.path.abspath(path))
+    for root in path.parents:
+        if (root / ".git").exists() or (root / "pyproject.toml").exists():
+            return path.relative_to(root).as_posix()
+    return path.name
+
+
 def context(loaded: Loaded) -> dict[str, Any]:
     m = loaded.manifest
     mounts = []
@@ -142,7 +153,7 @@ def context(loaded: Loaded) -> dict[str, Any]:
     return {
         "m": m,
         "version": __version__,
-        "source": loaded.path.as_posix(),
+        "source": source_name(loaded.path),
         "env": loaded.env,
         "sha256": loaded.sha256,
         "gpu_chain": m.gpu_chain(),
@@ -173,16 +184,25 @@ def output_path(loaded: Loaded, out_dir: Path | str | None = None) -> Path:
 
 def write_atomic(path: Path, text: str) -> None:
     """Write through a temporary file and a rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    hint = "check that the output directory can be created and written to"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StepError("write", f"cannot create the directory {path.parent}: {exc.strerror or exc}", hint) from None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise StepError("write", f"cannot write {path}: {exc.strerror or exc}", hint) from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise StepError("write", f"cannot write {path}: {exc.strerror or exc}", hint) from None
         raise
 
 
