@@ -8,6 +8,9 @@ Read it top to bottom in deploy order: image, weights, configuration, request
 validation, engine, HTTP endpoints, Modal functions.
 """
 
+# No `from __future__ import annotations`: FastAPI resolves a string annotation in the
+# module's globals, and `Request` is imported inside create_app (fastapi is not needed to
+# import this module), so `authorized(request: Request)` would become a required query field.
 import asyncio
 import hmac
 import json

@@ -141,9 +141,13 @@ def modal_serve(loaded: Loaded) -> int:
 
 
 def destroy(loaded: Loaded) -> int:
-    """Stop the Modal app (`modal app stop`)."""
+    """Stop the Modal app (`modal app stop`); once it is stopped, forget the last apply's state,
+    so that `plan` no longer claims the deployment matches."""
     m = loaded.manifest
-    return subprocess.call([sys.executable, "-m", "modal", "app", "stop", m.app.name, "--env", m.app.environment, "--yes"])
+    code = subprocess.call([sys.executable, "-m", "modal", "app", "stop", m.app.name, "--env", m.app.environment, "--yes"])
+    if code == 0:
+        state_path(loaded).unlink(missing_ok=True)
+    return code
 
 
 # ## apply
