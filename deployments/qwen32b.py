@@ -43,6 +43,7 @@ vllm_image = (
         "transformers==4.53.0",
         "xgrammar==0.1.19",
         "hf-transfer==0.1.9",
+        uv_version="0.13.9",
     )
     .env({
         "HF_HOME": "/models",
@@ -58,6 +59,7 @@ vllm_image = (
 web_image = modal.Image.debian_slim(python_version="3.12").uv_pip_install(
     "fastapi[standard]==0.115.12",
     "pydantic==2.11.7",
+    uv_version="0.13.9",
 )
 
 # ## Weights and caches

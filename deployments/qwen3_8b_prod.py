@@ -43,6 +43,7 @@ vllm_image = (
         "vllm==0.32.0",
         "transformers==5.19.0",
         "xgrammar==0.2.8",
+        uv_version="0.13.9",
     )
     .env({"HF_HOME": "/models", "VLLM_CACHE_ROOT": "/root/.cache/vllm", "HF_XET_HIGH_PERFORMANCE": "1"})
 )
@@ -51,6 +52,7 @@ vllm_image = (
 web_image = modal.Image.debian_slim(python_version="3.12").uv_pip_install(
     "fastapi[standard]==0.115.12",
     "pydantic==2.11.7",
+    uv_version="0.13.9",
 )
 
 # ## Weights and caches
@@ -455,7 +457,11 @@ class Inference:
         return create_app("openai", self.engine, auth="bearer")
 
 
-@app.function(image=web_image, schedule=modal.Cron("*/10 8-18 * * 1-5"))
+@app.function(
+    image=web_image,
+    schedule=modal.Cron("*/10 8-18 * * 1-5"),
+    timeout=21 * MINUTES,  # long enough to wait out a cold start
+)
 def keep_warm():
     """Keep one container loaded during the scheduled hours."""
     print(Inference().ping.remote())

@@ -17,6 +17,7 @@ class Gpu:
     max_count: int = 8
     fp8: bool = False  # native FP8 tensor cores (Ada, Hopper, Blackwell)
     aliases: tuple[str, ...] = ()
+    variant_of: str | None = None  # Modal's `H100!` (never upgraded) / `B200+` (may be upgraded)
 
 
 GPUS: tuple[Gpu, ...] = (
@@ -27,9 +28,11 @@ GPUS: tuple[Gpu, ...] = (
     Gpu("A100-40GB", 40, 2.10, aliases=("A100",)),
     Gpu("A100-80GB", 80, 2.50),
     Gpu("RTX-PRO-6000", 96, 3.03, fp8=True),
-    Gpu("H100", 80, 3.95, fp8=True, aliases=("H100!",)),
+    Gpu("H100", 80, 3.95, fp8=True),
+    Gpu("H100!", 80, 3.95, fp8=True, variant_of="H100"),
     Gpu("H200", 141, 4.54, fp8=True),
-    Gpu("B200", 192, 6.25, fp8=True, aliases=("B200+",)),
+    Gpu("B200", 192, 6.25, fp8=True),
+    Gpu("B200+", 192, 6.25, fp8=True, variant_of="B200"),
 )
 
 # `"any"` at the end of a fallback chain: every GPU that fits the model, cheapest first.

@@ -39,12 +39,15 @@ else:  # pragma: no cover
 # ## Named defaults
 
 DEFAULT_PYTHON = "3.12"
+DEFAULT_UV = "0.13.9"  # the uv that `check --resolve` resolves with, installing in the image
 DEFAULT_SCALEDOWN_WINDOW = 300  # seconds: the seeds' 5-minute keep-warm period
 DEFAULT_TIMEOUT = 600  # seconds: the seeds' measured worst case for one request
 DEFAULT_STARTUP_TIMEOUT = 1200  # seconds: a 32B model took 7 minutes to load cold
 DEFAULT_MAX_INPUTS = 20
 MODAL_SCALEDOWN_RANGE = (2, 3600)  # Modal rejects scaledown_window outside this range
 MODAL_MAX_TIMEOUT = 24 * 3600
+KV_RESERVE_FRACTION = 0.10  # of the weights: the least KV cache worth serving with
+KV_RESERVE_MIN_GIB = 1.0
 
 _LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")  # a DNS label: Modal URLs use it
 _APP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -184,6 +187,13 @@ class ModelSection(Section):
         per_param = catalog.BYTES_PER_PARAM[self.quantization or self.dtype.value]
         return self.size_b * 1e9 * per_param / 2**30
 
+    def needed_gib(self) -> float | None:
+        """GPU memory to serve: the weights plus the least KV cache worth serving with."""
+        weights = self.weights_gib()
+        if weights is None:
+            return None
+        return weights + max(weights * KV_RESERVE_FRACTION, KV_RESERVE_MIN_GIB)
+
 
 # ## [compute]
 
@@ -290,6 +300,11 @@ class ImageSection(Section):
         description="Further requirements for the image, each pinned with `==`.",
         examples=[["hf-transfer==0.1.9"]],
     )
+    uv: str = Field(
+        DEFAULT_UV,
+        description="uv release that installs the packages in the image (a tag of ghcr.io/astral-sh/uv).",
+        examples=[DEFAULT_UV],
+    )
     web_pins: dict[str, str] = Field(
         {"fastapi[standard]": "0.115.12", "pydantic": "2.11.7"},
         description="Exact versions for the light image that serves `health` without a GPU.",
@@ -304,6 +319,13 @@ class ImageSection(Section):
     def _base(cls, value: str | None) -> str | None:
         if value is not None and not re.match(r"^[A-Za-z0-9][A-Za-z0-9._/:@-]*$", value):
             raise invalid(f"`{value}` is not an image reference", "e.g. `nvidia/cuda:12.4.1-devel-ubuntu22.04`")
+        return value
+
+    @field_validator("uv")
+    @classmethod
+    def _uv(cls, value: str) -> str:
+        if not re.match(r"^[0-9]+\.[0-9]+\.[0-9]+$", value):
+            raise invalid(f"`{value}` is not a uv release", f'pin an exact release, e.g. `uv = "{DEFAULT_UV}"`')
         return value
 
     @field_validator("pins", "web_pins")
@@ -657,12 +679,12 @@ class Manifest(Section):
         chain = [str(g) for g in self.compute.gpu if g.type != catalog.ANY_GPU]
         if len(chain) == len(self.compute.gpu):
             return chain
-        need = self.model.weights_gib()
+        need = self.model.needed_gib()
         count = self.model.tensor_parallel_size
         named = {g.type for g in self.compute.gpu}
         for gpu in sorted(catalog.GPUS, key=lambda g: g.usd_per_hour):
-            fits = need is None or gpu.memory_gib * count * self.model.gpu_memory_utilization > need * 1.1
-            if gpu.name not in named and fits and count <= gpu.max_count:
+            fits = need is None or gpu.memory_gib * count * self.model.gpu_memory_utilization >= need
+            if gpu.name not in named and gpu.variant_of is None and fits and count <= gpu.max_count:
                 chain.append(gpu.name if count == 1 else f"{gpu.name}:{count}")
         return chain
 

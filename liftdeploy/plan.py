@@ -85,7 +85,7 @@ def describe(loaded: Loaded, state: State | None = None) -> str:
     fit = {f.gpu: f for f in sizing.fits(m)}
     gpus = ", ".join(f"{g} (${sizing.hourly_usd(g):.2f}/h{'' if fit[g].fits else ', too small'})" for g in chain)
     lines.append(f"  gpu          {gpus}  — tried in this order")
-    need = sizing.needed_gib(m)
+    need = m.model.needed_gib()
     if need is not None:
         lines.append(f"  memory       ~{need:.0f} GiB needed (weights + KV reserve)")
     pins = ", ".join(m.image.requirements())
@@ -119,6 +119,8 @@ def describe(loaded: Loaded, state: State | None = None) -> str:
     if state is None:
         lines.append("No previous apply is recorded: the whole deployment will be created.")
         changes = diff({}, current)
+        lines.extend(c.line() for c in changes)
+        lines.append("")
     else:
         changes = diff(state.settings, current)
         if not changes:

@@ -11,9 +11,6 @@ from dataclasses import dataclass
 from . import catalog
 from .manifest import Manifest
 
-KV_RESERVE_FRACTION = 0.10  # of the weights, the least KV cache worth serving with
-KV_RESERVE_MIN_GIB = 1.0
-
 CONTAINER_START_S = 15.0
 LOAD_GIB_PER_S = 1.4  # safetensors from a Modal Volume: 61 GiB in 43 s
 INIT_S_PER_GIB = 0.74  # weights into GPU memory: 45 s for 61 GiB
@@ -34,13 +31,6 @@ class Fit:
         return self.needed_gib is None or self.needed_gib <= self.usable_gib
 
 
-def needed_gib(m: Manifest) -> float | None:
-    weights = m.model.weights_gib()
-    if weights is None:
-        return None
-    return weights + max(weights * KV_RESERVE_FRACTION, KV_RESERVE_MIN_GIB)
-
-
 def fits(m: Manifest) -> list[Fit]:
     """For each GPU of the expanded chain: usable memory versus weights plus a KV-cache reserve."""
     out = []
@@ -49,7 +39,7 @@ def fits(m: Manifest) -> list[Fit]:
         gpu = catalog.find_gpu(name)
         assert gpu is not None
         usable = gpu.memory_gib * int(count or 1) * m.model.gpu_memory_utilization
-        out.append(Fit(entry, usable, needed_gib(m)))
+        out.append(Fit(entry, usable, m.model.needed_gib()))
     return out
 
 

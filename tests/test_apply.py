@@ -292,7 +292,7 @@ def test_apply_qwen3_8b_with_secrets_and_autoscaling(plane, tmp_path, env):
     assert {m.mount_path for m in fn.volume_mounts} == {"/models", "/root/.cache/vllm"}
     # bearer endpoints: the app checks the token, so Modal's proxy auth stays off
     assert web_endpoints(fn) == {"web_warmup": ("warmup", False), "web_generate": ("generate", False),
-                                 "web_v1": ("v1", False)}
+                                 "web_openai": ("openai", False)}
     (health,) = a.functions["web_health"]
     assert health.resources.gpu_config.count == 0 and health.webhook_config.requested_suffix == "health"
     (keep_warm,) = a.functions["keep_warm"]
@@ -303,7 +303,7 @@ def test_apply_qwen3_8b_with_secrets_and_autoscaling(plane, tmp_path, env):
     assert (state["env"], state["environment"], state["tag"], state["app_id"]) == (
         env, environment, tag_of(a.manifest), publish.app_id)
     assert plane.deployed_app("qwen3-structured", environment).app_id == publish.app_id
-    assert set(state["urls"]) == {"health", "warmup", "generate", "v1"}
+    assert set(state["urls"]) == {"health", "warmup", "generate", "openai"}
     assert state["settings"]["scaling.min_containers"] == min_c
     assert (a.folder / f"{module}.py").is_file()
 

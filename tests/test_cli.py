@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers_render import DEPLOYMENTS, EXAMPLES, ROOT, base, cli, cli_in_process, dump_toml, py_run
 from jsonschema import Draft202012Validator
 
 from liftdeploy.manifest import deep_merge
+from tests.helpers_render import DEPLOYMENTS, EXAMPLES, ROOT, base, cli, cli_in_process, dump_toml, py_run
 
 if sys.version_info >= (3, 11):
     import tomllib

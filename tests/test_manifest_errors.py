@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers_render import DEPLOYMENTS, base, cli, dump_toml
 from typer.testing import CliRunner
 
 from liftdeploy.cli import app
 from liftdeploy.errors import ManifestError
 from liftdeploy.manifest import load
+from tests.helpers_render import DEPLOYMENTS, base, cli, dump_toml
 
 runner = CliRunner()
 

@@ -15,7 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers_render import (
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from liftdeploy import render as rendering
+from liftdeploy.manifest import Loaded, load
+from tests.helpers_render import (
     DEPLOYMENTS,
     EXAMPLES,
     ROOT,
@@ -26,11 +31,6 @@ from helpers_render import (
     dump_toml,
     inspect_rendered,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
-from liftdeploy import render as rendering
-from liftdeploy.manifest import Loaded, load
 
 EXAMPLE_IDS = [f"{name}{'@' + env if env else ''}" for name, env in EXAMPLES]
 
