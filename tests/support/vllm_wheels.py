@@ -1,0 +1,396 @@
+"""Real vLLM wheels for contract tests, on a machine with no GPU.
+
+vLLM renamed its structured-output API across releases, so the engine code that liftdeploy renders
+depends on the pinned vLLM version.  This module installs the *real* ``vllm`` wheel of a given
+version (``pip install --no-deps --only-binary=:all: --target``) into a cache directory, next to a
+small shared set of pure-Python/light dependencies, and runs Python snippets against it in a
+subprocess of the current interpreter (which must already provide torch, transformers, numpy,
+pydantic, openai, ... -- see ``HOST_MODULES``).
+
+Only the Python-level API is exercised: ``vllm.sampling_params`` and ``vllm.engine.arg_utils``
+import on CPU; the engine itself (``LLM``, ``AsyncLLMEngine``) needs CUDA and is never started.
+
+Cache layout (root: ``$LIFTDEPLOY_TEST_CACHE`` or ``~/.cache/liftdeploy-tests``)::
+
+    vllm-<version>/            the vllm wheel, installed with --no-deps
+    vllm-deps/                 LIGHT_DEPS, shared by every version
+    overlay-<name>/            per-version overlays (e.g. transformers 4.x for vllm < 0.10)
+    pip/                       pip's own cache (PIP_CACHE_DIR, unless already set)
+    .<dir>.lock                fcntl locks serialising installs of one directory
+
+Each install goes to a temporary sibling directory, gets a marker file, and is renamed into place
+atomically, so a directory with a marker is always complete; concurrent test processes wait on
+the lock and reuse the result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "CACHE_ENV",
+    "HOST_MODULES",
+    "LEGACY_TRANSFORMERS",
+    "LIGHT_DEPS",
+    "VllmRunError",
+    "api_family",
+    "cache_root",
+    "deps_site",
+    "overlay_site",
+    "prefetch",
+    "run_with_vllm",
+    "sampling_params_probe",
+    "search_path",
+    "vllm_site",
+]
+
+CACHE_ENV = "LIFTDEPLOY_TEST_CACHE"
+MARKER = ".liftdeploy-complete"
+
+# Packages ``import vllm.sampling_params`` / ``import vllm.engine.arg_utils`` need that a dev venv
+# (torch CPU + transformers + the project's dev extras) usually lacks.  Installed with --no-deps:
+# their own dependencies (numpy, pydantic, requests, regex, pyyaml, tqdm, jsonschema, pillow, ...)
+# come from the host interpreter.  Checked against vllm 0.6.5, 0.9.2, 0.11.0 and 0.33.0.
+LIGHT_DEPS: tuple[str, ...] = (
+    "msgspec==0.22.0",
+    "cloudpickle==3.1.2",
+    "cachetools==8.0.1",
+    "psutil==7.2.2",
+    "pyzmq==27.3.0",
+    "mistral_common==1.13.1",
+    "pydantic-extra-types==2.11.1",  # mistral_common 1.13 imports it unconditionally
+    "pycountry==26.2.16",  # pydantic_extra_types.language_code
+    "tiktoken==0.14.0",  # mistral_common's tekken tokenizer, imported by vllm 0.6.x
+    "py-cpuinfo==9.0.0",
+    "setproctitle==1.3.8",
+    "gguf==0.19.0",
+    "blake3==1.0.11",
+    "pybase64==1.5.1",
+    "openai-harmony==0.0.8",
+    "uvloop==0.23.0",
+)
+
+# vllm < 0.10 registers transformers configs (e.g. ``aimv2``) that transformers 5.x already
+# defines, so ``vllm.engine.arg_utils`` fails to import against transformers 5.  Those releases
+# were built for transformers 4.x; give them one in an overlay placed first on the path.
+LEGACY_TRANSFORMERS: tuple[str, ...] = (
+    "transformers==4.53.3",
+    "tokenizers==0.21.4",
+    "huggingface_hub==0.34.4",
+)
+
+# Top-level modules the host interpreter must provide (not installed by this module).
+HOST_MODULES: tuple[str, ...] = (
+    "torch",
+    "transformers",
+    "tokenizers",
+    "huggingface_hub",
+    "numpy",
+    "pydantic",
+    "openai",
+    "requests",
+    "regex",
+    "yaml",
+    "tqdm",
+    "jsonschema",
+    "PIL",
+    "typing_extensions",
+)
+
+_QUIET_ENV: dict[str, str] = {
+    "VLLM_LOGGING_LEVEL": "ERROR",
+    "VLLM_NO_USAGE_STATS": "1",
+    "VLLM_DO_NOT_TRACK": "1",
+    "DO_NOT_TRACK": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    "PYTHONNOUSERSITE": "1",
+}
+
+
+class VllmRunError(RuntimeError):
+    """A snippet run against a vllm version failed; the message carries its stderr."""
+
+
+def _vtuple(version: str) -> tuple[int, ...]:
+    parts: list[int] = []
+    for piece in version.split("."):
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        if not digits:
+            break
+        parts.append(int(digits))
+        if digits != piece:  # "1post1", "0rc1": stop after the numeric head
+            break
+    return tuple(parts)
+
+
+def api_family(version: str) -> str:
+    """The structured-output API family of a vllm release.
+
+    ``"guided_decoding"`` (0.6.3--0.10.x), ``"transitional"`` (0.11.x: both names, old ones warn
+    and are moved to ``structured_outputs``) or ``"structured_outputs"`` (>= 0.12).
+    """
+    v = _vtuple(version)
+    if v < (0, 11):
+        return "guided_decoding"
+    if v < (0, 12):
+        return "transitional"
+    return "structured_outputs"
+
+
+def cache_root() -> Path:
+    root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "liftdeploy-tests")
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _read_marker(target: Path) -> Any:
+    try:
+        return json.loads((target / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _pip_install(requirements: Sequence[str], target: Path, *, root: Path) -> None:
+    env = dict(os.environ)
+    env.setdefault("PIP_CACHE_DIR", str(root / "pip"))
+    env.setdefault("PIP_DISABLE_PIP_VERSION_CHECK", "1")
+    cmd = [
+        sys.executable, "-m", "pip", "install",
+        "--no-deps", "--only-binary=:all:", "--no-compile", "--quiet",
+        "--target", str(target),
+        *requirements,
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise VllmRunError(
+            f"pip install {' '.join(requirements)} failed (rc={proc.returncode}):\n"
+            f"{proc.stderr[-6000:]}\n{proc.stdout[-2000:]}"
+        )
+
+
+def _ensure_target(name: str, requirements: Sequence[str]) -> Path:
+    """Install ``requirements`` (--no-deps) into ``<cache>/<name>`` once; return that path."""
+    root = cache_root()
+    target = root / name
+    want = {"requirements": list(requirements), "python": f"{sys.version_info[0]}.{sys.version_info[1]}"}
+    if _read_marker(target) == want:
+        return target
+    with _locked(root / f".{name}.lock"):
+        if _read_marker(target) == want:  # somebody else finished while we waited
+            return target
+        for leftover in [*root.glob(f".{name}.tmp-*"), *root.glob(f".{name}.old-*")]:
+            shutil.rmtree(leftover, ignore_errors=True)  # from a killed install; we hold the lock
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
+        try:
+            _pip_install(requirements, tmp, root=root)
+            (tmp / MARKER).write_text(json.dumps(want))
+            tmp.chmod(0o755)  # mkdtemp makes it 0700
+            if target.exists():  # stale or incomplete: move aside, then delete
+                trash = Path(tempfile.mkdtemp(prefix=f".{name}.old-", dir=root))
+                target.rename(trash / "old")
+                shutil.rmtree(trash, ignore_errors=True)
+            tmp.rename(target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def vllm_site(version: str) -> Path:
+    """Directory holding the real ``vllm==version`` wheel (installed with --no-deps)."""
+    return _ensure_target(f"vllm-{version}", [f"vllm=={version}"])
+
+
+def deps_site() -> Path:
+    """Directory holding ``LIGHT_DEPS`` (shared by every vllm version)."""
+    return _ensure_target("vllm-deps", list(LIGHT_DEPS))
+
+
+def overlay_site(version: str) -> Path | None:
+    """Per-version overlay placed before everything else on the path, or None."""
+    if _vtuple(version) < (0, 10):
+        return _ensure_target("overlay-transformers4", list(LEGACY_TRANSFORMERS))
+    return None
+
+
+def search_path(version: str, extra_paths: Iterable[str | os.PathLike[str]] = ()) -> list[Path]:
+    """The PYTHONPATH entries for ``version``, installing whatever is missing."""
+    paths: list[Path] = []
+    overlay = overlay_site(version)
+    if overlay is not None:
+        paths.append(overlay)
+    paths += [vllm_site(version), deps_site()]
+    paths += [Path(p) for p in extra_paths]
+    return paths
+
+
+def prefetch(versions: Iterable[str], *, max_workers: int = 4) -> dict[str, list[Path]]:
+    """Install several versions (and the shared deps/overlays) concurrently."""
+    versions = list(versions)
+    deps_site()  # once, before the pool, so the workers don't queue on its lock
+    with ThreadPoolExecutor(max_workers=max_workers) as pool:
+        results = pool.map(search_path, versions)
+        return dict(zip(versions, results))
+
+
+def run_with_vllm(
+    version: str,
+    code: str,
+    *,
+    timeout: float = 120,
+    extra_paths: Iterable[str | os.PathLike[str]] = (),
+    env: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Run ``code`` in ``sys.executable`` with the real vllm ``version`` importable.
+
+    ``code`` must print one JSON object on its last non-empty stdout line; it is parsed and
+    returned.  ``PYTHONPATH`` is ``[overlay:]<vllm site>:<deps site>[:extra_paths][:inherited]``.
+    Raises :class:`VllmRunError` (with the subprocess's stderr) on a non-zero exit, a timeout or
+    a last line that is not a JSON object.
+    """
+    paths = [str(p) for p in search_path(version, extra_paths)]
+    run_env = dict(os.environ)
+    inherited = run_env.get("PYTHONPATH")
+    if inherited:
+        paths.append(inherited)
+    run_env["PYTHONPATH"] = os.pathsep.join(paths)
+    run_env.update(_QUIET_ENV)
+    if env:
+        run_env.update(env)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", code],
+            check=False,
+            env=run_env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=tempfile.gettempdir(),
+        )
+    except subprocess.TimeoutExpired as exc:
+        stderr = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr
+        raise VllmRunError(f"vllm {version}: snippet timed out after {timeout}s\n{(stderr or '')[-6000:]}")
+    if proc.returncode != 0:
+        raise VllmRunError(
+            f"vllm {version}: snippet exited with rc={proc.returncode}\n"
+            f"--- stderr ---\n{proc.stderr[-8000:]}\n--- stdout ---\n{proc.stdout[-2000:]}"
+        )
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    try:
+        result = json.loads(lines[-1])
+    except (IndexError, ValueError):
+        result = None
+    if not isinstance(result, dict):
+        raise VllmRunError(
+            f"vllm {version}: last stdout line is not a JSON object\n"
+            f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-4000:]}"
+        )
+    return result
+
+
+_PROBE = r"""
+import importlib.util, json, logging, sys, warnings
+
+args = json.loads(ARGS)
+captured = []
+
+class _Capture(logging.Handler):
+    def emit(self, record):
+        if record.levelno >= logging.WARNING:
+            captured.append(record.getMessage())
+
+import vllm
+_vllm_logger = logging.getLogger("vllm")
+_vllm_logger.addHandler(_Capture())
+_vllm_logger.setLevel(logging.WARNING)
+
+spec = importlib.util.spec_from_file_location("_liftdeploy_probe_target", args["module_path"])
+module = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = module
+spec.loader.exec_module(module)
+
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    params = module.sampling_params(args["schema"], **args["kwargs"])
+captured[:0] = [f"{w.category.__name__}: {w.message}" for w in caught]
+
+def _jsonable(value):
+    try:
+        json.dumps(value)
+        return value
+    except TypeError:
+        return repr(value)
+
+carrier, carrier_obj = None, None
+for field in ("structured_outputs", "guided_decoding"):
+    obj = getattr(params, field, None)
+    if obj is not None:
+        carrier, carrier_obj = field, obj
+        break
+schema = getattr(carrier_obj, "json", None) if carrier_obj is not None else None
+print(json.dumps({
+    "vllm_version": vllm.__version__,
+    "class": f"{type(params).__module__}.{type(params).__qualname__}",
+    "max_tokens": params.max_tokens,
+    "temperature": params.temperature,
+    "top_p": params.top_p,
+    "carried_by": carrier,
+    "carrier_class": None if carrier_obj is None else type(carrier_obj).__name__,
+    "schema": _jsonable(schema),
+    "schema_type": type(schema).__name__,
+    "has_guided_decoding_attr": hasattr(params, "guided_decoding"),
+    "has_structured_outputs_attr": hasattr(params, "structured_outputs"),
+    "warnings": captured,
+}))
+"""
+
+
+def sampling_params_probe(
+    version: str,
+    module_path: str | os.PathLike[str],
+    schema: Any,
+    *,
+    extra_paths: Iterable[str | os.PathLike[str]] = (),
+    timeout: float = 120,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """Import ``module_path`` against the real vllm ``version`` and describe its SamplingParams.
+
+    Calls ``module.sampling_params(schema, **kwargs)`` (e.g. ``max_tokens=``, ``temperature=``,
+    ``top_p=``) in the vllm subprocess and returns::
+
+        {"vllm_version", "class", "max_tokens", "temperature", "top_p",
+         "carried_by": "structured_outputs" | "guided_decoding" | None,
+         "carrier_class", "schema" (the ``.json`` of the carrier, as stored), "schema_type",
+         "has_guided_decoding_attr", "has_structured_outputs_attr",
+         "warnings": [Python warnings and vllm-logger warnings raised by the call]}
+
+    The module is imported by file path (it may ``import modal``; the host interpreter provides
+    it).  ``schema`` and ``kwargs`` must be JSON-serialisable.
+    """
+    args = {"module_path": str(Path(module_path).resolve()), "schema": schema, "kwargs": kwargs}
+    code = f"ARGS = {json.dumps(json.dumps(args))}\n" + _PROBE
+    return run_with_vllm(version, code, timeout=timeout, extra_paths=extra_paths)
