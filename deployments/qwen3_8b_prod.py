@@ -184,6 +184,16 @@ ENGINE_ARGS = {
 }
 
 
+def engine_args():
+    """vLLM's AsyncEngineArgs for this deployment."""
+    from vllm import AsyncEngineArgs
+    from vllm.config import StructuredOutputsConfig
+
+    # AsyncEngineArgs keeps a dict as it is: the config must be the object.
+    structured = StructuredOutputsConfig(**ENGINE_ARGS["structured_outputs_config"])
+    return AsyncEngineArgs(**{**ENGINE_ARGS, "structured_outputs_config": structured})
+
+
 def sampling_params(schema: dict[str, Any] | None, *, max_tokens: int, temperature: float, top_p: float):
     """vLLM's SamplingParams for one request, constrained to `schema` when given."""
     from vllm.sampling_params import SamplingParams, StructuredOutputsParams
@@ -207,13 +217,13 @@ class VLLMEngine:
 
     def start(self) -> None:
         from transformers import AutoTokenizer
-        from vllm import AsyncEngineArgs, AsyncLLMEngine
+        from vllm import AsyncLLMEngine
 
         started = time.monotonic()
         self.tokenizer = AutoTokenizer.from_pretrained(
             MODEL_NAME, revision=MODEL_REVISION, trust_remote_code=ENGINE_ARGS["trust_remote_code"]
         )
-        self.engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(**ENGINE_ARGS))
+        self.engine = AsyncLLMEngine.from_engine_args(engine_args())
         self.load_seconds = time.monotonic() - started
         self.ready = True
 

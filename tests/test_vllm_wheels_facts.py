@@ -7,7 +7,7 @@ One release per API family:
 * 0.11.0        -- transitional: ``StructuredOutputsParams`` + ``structured_outputs=``; the old
   names still exist, warn, and are moved onto ``structured_outputs``; engine args have both
   ``structured_outputs_config`` and ``guided_decoding_backend``;
-* 0.33.0        -- newest release: ``StructuredOutputsParams`` only, ``structured_outputs_config``.
+* 0.32.0        -- newest release: ``StructuredOutputsParams`` only, ``structured_outputs_config``.
 
 The engine-argument checks import ``vllm.engine.arg_utils`` for real (it imports on CPU); a
 second, source-level check greps the installed ``arg_utils.py`` as a cross-check.
@@ -33,7 +33,7 @@ from tests.support.vllm_wheels import (
 
 pytestmark = pytest.mark.slow
 
-VERSIONS = ["0.6.5", "0.9.2", "0.11.0", "0.33.0"]
+VERSIONS = ["0.6.5", "0.9.2", "0.11.0", "0.32.0"]
 
 SCHEMA = {
     "type": "object",
@@ -124,7 +124,7 @@ def facts(wheels) -> dict[str, dict]:
     code = f"SCHEMA_JSON = {json.dumps(json.dumps(SCHEMA))}\n" + _FACTS
     with ThreadPoolExecutor(max_workers=len(VERSIONS)) as pool:
         results = pool.map(lambda v: run_with_vllm(v, code, timeout=300), VERSIONS)
-        return dict(zip(VERSIONS, results))
+        return dict(zip(VERSIONS, results, strict=True))
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -142,7 +142,7 @@ def test_installed_version_is_the_one_asked_for(facts, version):
             ["GuidedDecodingParams", "StructuredOutputsParams"],
             ["guided_decoding", "structured_outputs"],
         ),
-        ("0.33.0", ["StructuredOutputsParams"], ["structured_outputs"]),
+        ("0.32.0", ["StructuredOutputsParams"], ["structured_outputs"]),
     ],
 )
 def test_param_classes_and_sampling_params_fields(facts, version, classes, fields):
@@ -159,7 +159,7 @@ def test_guided_decoding_family_carries_schema(facts, version):
     assert "via_structured_outputs" not in f
 
 
-@pytest.mark.parametrize("version", ["0.11.0", "0.33.0"])
+@pytest.mark.parametrize("version", ["0.11.0", "0.32.0"])
 def test_structured_outputs_family_carries_schema(facts, version):
     f = facts[version]
     assert f["via_structured_outputs"]["structured_outputs"] == {
@@ -208,7 +208,7 @@ def test_guided_json_keyword_is_rejected(facts, version):
                 "structured_outputs_config",
             ],
         ),
-        ("0.33.0", ["structured_outputs_config"]),
+        ("0.32.0", ["structured_outputs_config"]),
     ],
 )
 def test_async_engine_args_fields_imported(facts, version, fields):
@@ -233,7 +233,7 @@ def test_async_engine_args_fields_imported(facts, version, fields):
         ("0.6.5", ["guided_decoding_backend:"], ["structured_outputs_config:"]),
         ("0.9.2", ["guided_decoding_backend:"], ["structured_outputs_config:"]),
         ("0.11.0", ["guided_decoding_backend:", "structured_outputs_config:"], []),
-        ("0.33.0", ["structured_outputs_config:"], ["guided_decoding_backend:"]),
+        ("0.32.0", ["structured_outputs_config:"], ["guided_decoding_backend:"]),
     ],
 )
 def test_async_engine_args_fields_source_level(facts, version, present, absent):
@@ -287,9 +287,9 @@ PROBE_CASES = {
     "0.6.5-guided": ("0.6.5", GUIDED_MODULE),
     "0.9.2-guided": ("0.9.2", GUIDED_MODULE),
     "0.11.0-structured": ("0.11.0", STRUCTURED_MODULE),
-    "0.33.0-structured": ("0.33.0", STRUCTURED_MODULE),
+    "0.32.0-structured": ("0.32.0", STRUCTURED_MODULE),
     "0.11.0-guided": ("0.11.0", GUIDED_MODULE),
-    "0.33.0-guided": ("0.33.0", GUIDED_MODULE),
+    "0.32.0-guided": ("0.32.0", GUIDED_MODULE),
     "0.9.2-structured": ("0.9.2", STRUCTURED_MODULE),
 }
 PROBE_KWARGS = {"max_tokens": 321, "temperature": 0.25, "top_p": 0.9}
@@ -312,7 +312,7 @@ def probes(facts, tmp_path_factory) -> dict[str, dict | VllmRunError]:
             return exc
 
     with ThreadPoolExecutor(max_workers=4) as pool:
-        return dict(zip(PROBE_CASES, pool.map(one, PROBE_CASES)))
+        return dict(zip(PROBE_CASES, pool.map(one, PROBE_CASES), strict=True))
 
 
 def _ok(probes, name) -> dict:
@@ -328,7 +328,7 @@ def _ok(probes, name) -> dict:
         ("0.6.5-guided", "guided_decoding", "GuidedDecodingParams"),
         ("0.9.2-guided", "guided_decoding", "GuidedDecodingParams"),
         ("0.11.0-structured", "structured_outputs", "StructuredOutputsParams"),
-        ("0.33.0-structured", "structured_outputs", "StructuredOutputsParams"),
+        ("0.32.0-structured", "structured_outputs", "StructuredOutputsParams"),
     ],
 )
 def test_probe_matching_family(probes, case, carried_by, carrier_class):
@@ -352,7 +352,7 @@ def test_probe_old_names_on_transitional_release(probes):
 
 
 def test_probe_old_names_fail_on_newest_release(probes):
-    err = probes["0.33.0-guided"]
+    err = probes["0.32.0-guided"]
     assert isinstance(err, VllmRunError)
     assert "cannot import name 'GuidedDecodingParams'" in str(err)
 

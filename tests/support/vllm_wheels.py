@@ -61,7 +61,7 @@ MARKER = ".liftdeploy-complete"
 # Packages ``import vllm.sampling_params`` / ``import vllm.engine.arg_utils`` need that a dev venv
 # (torch CPU + transformers + the project's dev extras) usually lacks.  Installed with --no-deps:
 # their own dependencies (numpy, pydantic, requests, regex, pyyaml, tqdm, jsonschema, pillow, ...)
-# come from the host interpreter.  Checked against vllm 0.6.5, 0.9.2, 0.11.0 and 0.33.0.
+# come from the host interpreter.  Checked against vllm 0.6.5, 0.9.2, 0.11.0, 0.32.0 and 0.33.0.
 LIGHT_DEPS: tuple[str, ...] = (
     "msgspec==0.22.0",
     "cloudpickle==3.1.2",
@@ -253,7 +253,7 @@ def prefetch(versions: Iterable[str], *, max_workers: int = 4) -> dict[str, list
     deps_site()  # once, before the pool, so the workers don't queue on its lock
     with ThreadPoolExecutor(max_workers=max_workers) as pool:
         results = pool.map(search_path, versions)
-        return dict(zip(versions, results))
+        return dict(zip(versions, results, strict=True))
 
 
 def run_with_vllm(
@@ -292,7 +292,7 @@ def run_with_vllm(
         )
     except subprocess.TimeoutExpired as exc:
         stderr = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr
-        raise VllmRunError(f"vllm {version}: snippet timed out after {timeout}s\n{(stderr or '')[-6000:]}")
+        raise VllmRunError(f"vllm {version}: snippet timed out after {timeout}s\n{(stderr or '')[-6000:]}") from exc
     if proc.returncode != 0:
         raise VllmRunError(
             f"vllm {version}: snippet exited with rc={proc.returncode}\n"
