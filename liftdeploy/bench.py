@@ -81,9 +81,13 @@ def run(client: Client, async_client: AsyncClient, *, target: str, concurrency: 
     started = time.perf_counter()
     client.generate(SMOKE_PROMPT, SMOKE_SCHEMA, max_tokens=max_tokens, temperature=0.0)
     report = BenchReport(target, round(time.perf_counter() - started, 3))
-    async_client.warm = True
-    for level in concurrency:
-        report.levels.append(asyncio.run(_level(async_client, level, max(requests, level), max_tokens)))
+
+    async def sweep() -> list[Level]:
+        async with async_client:  # one event loop for the whole sweep: the connections belong to it
+            async_client.warm = True
+            return [await _level(async_client, level, max(requests, level), max_tokens) for level in concurrency]
+
+    report.levels = asyncio.run(sweep())
     return report
 
 
