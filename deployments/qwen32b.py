@@ -139,7 +139,7 @@ class GenerateResponse(BaseModel):
 
 
 # ## The engine
-# vLLM 0.9.2 takes its structured-output request in the "guided_decoding" form.
+# vLLM "0.9.2" takes its structured-output request in the "guided_decoding" form.
 # vllm is imported only inside the container, so this module imports anywhere.
 
 ENGINE_ARGS = {

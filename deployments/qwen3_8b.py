@@ -167,7 +167,7 @@ class ChatCompletionRequest(BaseModel):
 
 
 # ## The engine
-# vLLM 0.32.0 takes its structured-output request in the "structured_outputs" form.
+# vLLM "0.32.0" takes its structured-output request in the "structured_outputs" form.
 # vllm is imported only inside the container, so this module imports anywhere.
 
 ENGINE_ARGS = {

@@ -34,6 +34,20 @@ class Problem:
             text += f"\nhint: {self.hint}"
         return text
 
+    def __post_init__(self) -> None:
+        # Messages quote manifest values and keys, and a file name is whatever the user named
+        # the file: escape what a terminal would act on (newlines, ANSI escapes, NUL, ...), so
+        # a problem always prints as one `error:` line and one `hint:` line.
+        for name in ("file", "path", "message", "hint"):
+            value = getattr(self, name)
+            if value is not None and not value.isprintable():
+                object.__setattr__(self, name, printable(value))
+
+
+def printable(text: str) -> str:
+    """`text` with each non-printable character written as its Python escape (`\\n`, `\\x1b`)."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
 
 class LiftdeployError(Exception):
     """Base of every error the CLI reports without a traceback."""

@@ -29,6 +29,7 @@ from pydantic_core import PydanticCustomError
 
 from . import catalog
 from ._toml_lines import locate
+from .compat import api_family
 from .errors import ManifestError, Problem
 
 if sys.version_info >= (3, 11):
@@ -49,17 +50,19 @@ MODAL_MAX_TIMEOUT = 24 * 3600
 KV_RESERVE_FRACTION = 0.10  # of the weights: the least KV cache worth serving with
 KV_RESERVE_MIN_GIB = 1.0
 
-_LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")  # a DNS label: Modal URLs use it
-_APP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_SECRET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_PACKAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(\[[A-Za-z0-9,._-]+\])?$")
-_VERSION = re.compile(r"^[0-9][0-9A-Za-z.+!-]*$")
-_ENV_VAR = re.compile(r"^[A-Z_][A-Z0-9_]*$")
-_POSIX_PATH = re.compile(r"^/[A-Za-z0-9._/-]*$")
+# Every pattern ends in `\Z`, not `$`: `$` also matches before a trailing newline, and a value
+# such as "generate\n" would pass (a label becomes a function name in the rendered module).
+_LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\Z")  # a DNS label: Modal URLs use it
+_APP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+_SECRET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+_PACKAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(\[[A-Za-z0-9,._-]+\])?\Z")
+_VERSION = re.compile(r"^[0-9][0-9A-Za-z.+!-]*\Z")
+_ENV_VAR = re.compile(r"^[A-Z_][A-Z0-9_]*\Z")
+_POSIX_PATH = re.compile(r"^/[A-Za-z0-9._/-]*\Z")
 # Credentials that are also valid Secret names: Hugging Face, OpenAI, GitHub, Modal, AWS keys.
 _TOKEN_LIKE = re.compile(
     r"^(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{16,}|gh[pousr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,}"
-    r"|a[ks]-[A-Za-z0-9]{16,}|AKIA[A-Z0-9]{16})$"
+    r"|a[ks]-[A-Za-z0-9]{16,}|AKIA[A-Z0-9]{16})\Z"
 )
 
 
@@ -157,14 +160,14 @@ class ModelSection(Section):
     @field_validator("id")
     @classmethod
     def _model_id(cls, value: str) -> str:
-        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$", value):
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?\Z", value):
             raise invalid(f"`{value}` is not a Hugging Face model id", "write it as `org/name`")
         return value
 
     @field_validator("revision")
     @classmethod
     def _revision(cls, value: str | None) -> str | None:
-        if value is not None and not re.match(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,99}$", value):
+        if value is not None and not re.match(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,99}\Z", value):
             raise invalid(f"`{value}` is not a git revision", "use a commit hash, tag or branch name")
         return value
 
@@ -317,7 +320,7 @@ class ImageSection(Section):
     @field_validator("base")
     @classmethod
     def _base(cls, value: str | None) -> str | None:
-        if value is not None and not re.match(r"^[A-Za-z0-9][A-Za-z0-9._/:@-]*$", value):
+        if value is not None and not re.match(r"^[A-Za-z0-9][A-Za-z0-9._/:@-]*\Z", value):
             raise invalid(f"`{value}` is not an image reference", "e.g. `nvidia/cuda:12.4.1-devel-ubuntu22.04`")
         return value
 
@@ -347,6 +350,11 @@ class ImageSection(Section):
     def _needs_vllm(cls, pins: dict[str, str]) -> dict[str, str]:
         if "vllm" not in pins:
             raise invalid("`vllm` must be pinned", 'add `vllm = "0.9.2"` (or the release you test with)')
+        try:
+            api_family(pins["vllm"])  # the renderer picks the structured-output API by release
+        except ValueError as exc:  # packaging's InvalidVersion is a ValueError
+            raise invalid(f"`vllm = \"{pins['vllm']}\"` cannot be rendered: {exc}",
+                          'pin a vLLM release, e.g. `vllm = "0.9.2"`') from None
         return pins
 
     @field_validator("packages")
@@ -397,9 +405,10 @@ class VolumeSpec(Section):
     @field_validator("mount")
     @classmethod
     def _mount(cls, value: str) -> str:
-        if not _POSIX_PATH.match(value) or value == "/" or "/../" in value + "/":
+        path = value.rstrip("/")
+        if not _POSIX_PATH.match(value) or not path or {".", ".."} & set(path.split("/")):
             raise invalid(f"`{value}` is not an absolute container path", "e.g. `/models`")
-        return value.rstrip("/")
+        return path
 
 
 class VolumesSection(Section):
@@ -490,7 +499,7 @@ class ColdStartSection(Section):
     @field_validator("keep_warm_schedule")
     @classmethod
     def _cron(cls, value: str | None) -> str | None:
-        if value is not None and not re.match(r"^([0-9*/,-]+\s+){4}[0-9*/,-]+$", value.strip()):
+        if value is not None and not re.match(r"^([0-9*/,-]+\s+){4}[0-9*/,-]+\Z", value.strip()):
             raise invalid(f"`{value}` is not a cron schedule", 'five fields, e.g. `"*/10 8-18 * * 1-5"`')
         return value
 

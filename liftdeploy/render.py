@@ -1,7 +1,9 @@
 """Render a validated manifest into one self-contained Modal app module.
 
 Manifest values reach the generated code only through the `py` filter, which writes
-Python literals (never pasted text), so no manifest value can inject code. The same
+Python literals (never pasted text), so no manifest value can inject code. The one
+exception is an endpoint's function name, `ident(label)`: labels are validated DNS
+labels (`[a-z0-9-]`), so the name is always an identifier. The same
 manifest always renders the same bytes.
 """
 
