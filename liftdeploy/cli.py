@@ -31,6 +31,8 @@ app = typer.Typer(
 
 F = TypeVar("F", bound=Callable[..., object])
 
+FileArg = Annotated[Path, typer.Argument(help="Manifest file.", metavar="FILE", show_default=False)]
+
 EnvOption = Annotated[
     str | None, typer.Option("--env", "-e", help="Env overlay to apply: a `[env.<name>]` table of the manifest.")
 ]
@@ -69,7 +71,7 @@ def reports_errors(command: F) -> F:
 @app.command()
 @reports_errors
 def validate(
-    files: Annotated[list[Path], typer.Argument(help="Manifest files.", show_default=False)],
+    files: Annotated[list[Path], typer.Argument(help="Manifest files.", metavar="FILE", show_default=False)],
     env: EnvOption = None,
 ) -> None:
     """Validate manifests (and all their env overlays). Exit 0 valid, 2 invalid."""
@@ -91,7 +93,7 @@ def validate(
 @app.command()
 @reports_errors
 def render(
-    file: Annotated[Path, typer.Argument(help="Manifest file.", show_default=False)],
+    file: FileArg,
     env: EnvOption = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Directory for the module; default: beside the manifest.")] = None,
     check: Annotated[bool, typer.Option("--check", help="Write nothing; exit 1 if the file on disk differs from a fresh render.")] = False,
@@ -139,7 +141,7 @@ def schema(
 @app.command()
 @reports_errors
 def check(
-    paths: Annotated[list[Path] | None, typer.Argument(help="Manifest files or folders; default: deployments/.", show_default=False)] = None,
+    paths: Annotated[list[Path] | None, typer.Argument(help="Manifest files or folders; default: deployments/.", metavar="[PATH...]", show_default=False)] = None,
     fmt: Annotated[str, typer.Option("--format", "-f", help="text, json or github (workflow annotations).")] = "text",
     resolve: Annotated[bool, typer.Option("--resolve", help="Also resolve each pin set for linux x86_64 with uv (needs the package index).")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Fail on warnings too.")] = False,
@@ -159,7 +161,7 @@ def check(
 
 @app.command()
 @reports_errors
-def plan(file: Annotated[Path, typer.Argument(help="Manifest file.", show_default=False)], env: EnvOption = None) -> None:
+def plan(file: FileArg, env: EnvOption = None) -> None:
     """Show what will be deployed and what changed since the last apply."""
     from .manifest import load
     from .plan import describe
@@ -170,7 +172,7 @@ def plan(file: Annotated[Path, typer.Argument(help="Manifest file.", show_defaul
 @app.command()
 @reports_errors
 def apply(
-    file: Annotated[Path, typer.Argument(help="Manifest file.", show_default=False)],
+    file: FileArg,
     env: EnvOption = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Warm up and smoke-test after deploying.")] = True,
@@ -190,7 +192,11 @@ def apply(
         typer.echo("\n".join(f.text() for f in errors), err=True)
         raise StepError("check", f"{len(errors)} error(s); nothing was deployed", "fix them, then re-run apply")
     typer.echo(describe(loaded))
-    if not yes and not typer.confirm("\nDeploy this?", default=False):
+    try:
+        confirmed = yes or typer.confirm("\nDeploy this?", default=False)
+    except typer.Abort:  # no answer (stdin closed)
+        confirmed = False
+    if not confirmed:
         typer.echo("cancelled; nothing was deployed")
         raise typer.Exit(1)
     steps = deploying.apply(
@@ -204,7 +210,7 @@ def apply(
 @app.command()
 @reports_errors
 def destroy(
-    file: Annotated[Path, typer.Argument(help="Manifest file.", show_default=False)],
+    file: FileArg,
     env: EnvOption = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
 ) -> None:
@@ -220,13 +226,13 @@ def destroy(
 
 
 TargetArg = Annotated[str, typer.Argument(help="A manifest (URLs derived) or a base URL such as http://127.0.0.1:8000.",
-                                          show_default=False)]
+                                          metavar="TARGET", show_default=False)]
 
 
 @app.command()
 @reports_errors
 def serve(
-    file: Annotated[Path, typer.Argument(help="Manifest file.", show_default=False)],
+    file: FileArg,
     env: EnvOption = None,
     local: Annotated[bool, typer.Option("--local", help="Serve on this machine with the CPU engine instead of `modal serve`.")] = False,
     port: Annotated[int, typer.Option("--port", "-p", help="Local port.")] = 8000,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import difflib
 import hashlib
+import json
 import re
 import sys
 from enum import Enum
@@ -775,7 +776,9 @@ def load(path: Path | str, env: str | None = None) -> Loaded:
         merged = deep_merge({k: v for k, v in data.items() if k != "env"}, overlays[env])
         merged["env"] = overlays
     try:
-        manifest = Manifest.model_validate(merged)
+        # Strict, as JSON: TOML's types map onto JSON's, and `max_inputs = true` or
+        # `trust_remote_code = "yes"` are mistakes to report, not values to coerce.
+        manifest = Manifest.model_validate_json(json.dumps(merged, default=str), strict=True)
     except ValidationError as exc:
         raise ManifestError(_problems(exc, path, text, env)) from None
     if env is None:
@@ -811,6 +814,10 @@ def _problems(exc: ValidationError, path: Path, text: str, env: str | None) -> l
         elif error["type"] == "missing":
             message = "is required"
             hint = hint or _missing_hint(loc)
+        elif error["type"] in ("enum", "literal_error") and isinstance(error.get("input"), str):
+            message = _plain(message, error)
+            choices = re.findall(r"'([^']*)'", (error.get("ctx") or {}).get("expected", ""))
+            hint = _did_you_mean(error["input"], choices) or hint
         elif error["type"] != "liftdeploy":
             message = _plain(message, error)
         line = locate(text, loc, env)
@@ -856,6 +863,7 @@ def _missing_hint(loc: list[Any]) -> str | None:
 def _plain(message: str, error: Any) -> str:
     """pydantic's wording, lowercased and without its `Value error,` prefix."""
     message = re.sub(r"^(Value|Assertion) error, ", "", message)
+    message = message.replace("an object", "a table")  # TOML's word for it
     return message[:1].lower() + message[1:] + (f", got {error['input']!r}" if error["type"].endswith(("_type", "_parsing", "literal_error", "enum")) and not isinstance(error.get("input"), (dict, list)) else "")
 
 

@@ -132,7 +132,7 @@ CASES = [
     case("gpu-listed-twice", Set("compute.gpu", ["H100", "L4", "H100"]), key="compute.gpu[2]",
          fragment="`H100` is listed twice", hint="list each GPU once"),
     case("gpu-empty-chain", Set("compute.gpu", []), key="compute.gpu", fragment="at least 1 item", hint=None),
-    case("gpu-wrong-type", Set("compute.gpu", 5), key="compute.gpu", fragment="valid list", hint=None),
+    case("gpu-wrong-type", Set("compute.gpu", 5), key="compute.gpu", fragment="valid array", hint=None),
     case("gpu-entry-wrong-type", Set("compute.gpu", ["H100", 2]), key="compute.gpu[1]",
          fragment="expected a GPU name", hint=None),
     case("compute-missing", Delete("compute"), key="compute", fragment="is required", hint="gpu ="),
@@ -229,7 +229,7 @@ CASES = [
     case("env-overlay-bad-value-selected", Set("env.dev.compute", {"gpu": ["A10"]}), Set("env.dev.model",
          {"tensor_parallel_size": 2}), key="compute.gpu[0]", fragment="tensor_parallel_size is 2",
          hint='"A10G:2"', env="dev", overlay="dev"),
-    case("env-overlay-not-a-table", Set("env.staging", 5), key="env.staging", fragment="valid dictionary",
+    case("env-overlay-not-a-table", Set("env.staging", 5), key="env.staging", fragment="should be a table",
          hint=None),
     case("env-overlay-not-a-table-selected", Set("env.staging", "prod"), key="env.staging",
          fragment="`env.staging` must be a table", hint="[env.staging]", env="staging"),
@@ -238,7 +238,7 @@ CASES = [
     # the whole file
     case("top-level-unknown-key", Set("scalling", {"min_containers": 1}), key="scalling",
          fragment="unknown key `scalling`", hint="did you mean `scaling`?"),
-    case("section-wrong-type", Set("scaling", 300), key="scaling", fragment="valid dictionary", hint=None),
+    case("section-wrong-type", Set("scaling", 300), key="scaling", fragment="should be a table", hint=None),
 ]
 
 
