@@ -170,6 +170,30 @@ class _Base:
         endpoints = endpoints or [{"kind": k, "label": k, "auth": "none"} for k in ("health", "warmup", "generate")]
         return cls(Endpoints.local(base_url, endpoints), {ep["label"]: ep["kind"] for ep in endpoints}, **kwargs)
 
+    def _exchange(self, kind: str, method: str, body: Any, read_timeout: float | None):
+        """The request policy as a generator, driven by both clients: it yields a request to send
+        (httpx keyword arguments) or a float (seconds to sleep), is sent each request's outcome (a
+        response or a transport error), and returns the answer's body."""
+        req = self._request(kind, method, body, read_timeout)
+        replayed = self.recorder.replay(method, req["label"], body)
+        if replayed:
+            return self._checked(req, *replayed)
+        last = ""
+        for attempt in range(self.retries + 1):
+            outcome = yield {"method": method, "url": req["url"], "headers": req["headers"], "json": body,
+                             "timeout": req["timeout"]}
+            response = outcome if isinstance(outcome, httpx.Response) else None
+            if response is not None:
+                result = self._outcome(req, response)
+                if result is not None:
+                    return result
+                last = f"HTTP {response.status_code}"
+            else:
+                last = f"{type(outcome).__name__}: {outcome}"
+            if attempt < self.retries:
+                yield float(self._delay(attempt, response))
+        raise self._gave_up(req, last)
+
     def _request(self, kind: str, method: str, body: Any, read_timeout: float | None) -> dict[str, Any]:
         label = self.endpoints.label(kind, self.kinds)
         headers = {"Accept": "application/json"}
@@ -239,25 +263,21 @@ class Client(_Base):
         self.http.close()
 
     def call(self, kind: str, method: str = "GET", body: Any = None, read_timeout: float | None = None) -> Any:
-        req = self._request(kind, method, body, read_timeout)
-        replayed = self.recorder.replay(method, req["label"], body)
-        if replayed:
-            return self._checked(req, *replayed)
-        last = ""
-        for attempt in range(self.retries + 1):
-            response = None
-            try:
-                response = self.http.request(method, req["url"], headers=req["headers"], json=body,
-                                             timeout=req["timeout"])
-                result = self._outcome(req, response)
-                if result is not None:
-                    return result
-                last = f"HTTP {response.status_code}"
-            except httpx.TransportError as exc:
-                last = f"{type(exc).__name__}: {exc}"
-            if attempt < self.retries:
-                time.sleep(self._delay(attempt, response))
-        raise self._gave_up(req, last)
+        steps = self._exchange(kind, method, body, read_timeout)
+        try:
+            step = next(steps)
+            while True:
+                if isinstance(step, float):
+                    time.sleep(step)
+                    step = next(steps)
+                    continue
+                try:
+                    outcome: Any = self.http.request(**step)
+                except httpx.TransportError as exc:
+                    outcome = exc
+                step = steps.send(outcome)
+        except StopIteration as done:
+            return done.value
 
     def health(self) -> dict[str, Any]:
         return self.call("health", read_timeout=self.timeouts.read)
@@ -285,25 +305,21 @@ class AsyncClient(_Base):
         await self.http.aclose()
 
     async def call(self, kind: str, method: str = "GET", body: Any = None, read_timeout: float | None = None) -> Any:
-        req = self._request(kind, method, body, read_timeout)
-        replayed = self.recorder.replay(method, req["label"], body)
-        if replayed:
-            return self._checked(req, *replayed)
-        last = ""
-        for attempt in range(self.retries + 1):
-            response = None
-            try:
-                response = await self.http.request(method, req["url"], headers=req["headers"], json=body,
-                                                   timeout=req["timeout"])
-                result = self._outcome(req, response)
-                if result is not None:
-                    return result
-                last = f"HTTP {response.status_code}"
-            except httpx.TransportError as exc:
-                last = f"{type(exc).__name__}: {exc}"
-            if attempt < self.retries:
-                await asyncio.sleep(self._delay(attempt, response))
-        raise self._gave_up(req, last)
+        steps = self._exchange(kind, method, body, read_timeout)
+        try:
+            step = next(steps)
+            while True:
+                if isinstance(step, float):
+                    await asyncio.sleep(step)
+                    step = next(steps)
+                    continue
+                try:
+                    outcome: Any = await self.http.request(**step)
+                except httpx.TransportError as exc:
+                    outcome = exc
+                step = steps.send(outcome)
+        except StopIteration as done:
+            return done.value
 
     async def health(self) -> dict[str, Any]:
         return await self.call("health", read_timeout=self.timeouts.read)
