@@ -28,6 +28,10 @@ from typing import Any
 __all__ = ["LocalEngine"]
 
 _GRAMMAR_CACHE_SIZE = 128
+# As in vLLM (vllm.sampling_params._SAMPLING_EPS): a temperature below this samples greedily. A tiny
+# positive temperature (the API accepts e.g. 5e-324) would otherwise overflow `logits / temperature`
+# to inf, softmax to NaN, and fail the request with a 503.
+_SAMPLING_EPS = 1e-5
 
 
 class LocalEngine:
@@ -273,12 +277,12 @@ def _torch_threads(n: int | None):
 
 
 def _sample(logits: Any, temperature: float, top_p: float, generator: Any) -> int:
-    """Pick the next token from masked logits (1-D): greedy at temperature 0, else top-p sampling."""
+    """Pick the next token from masked logits (1-D): greedy at temperature ~0, else top-p sampling."""
     import torch
 
     if not torch.isfinite(logits).any():
         raise RuntimeError("no token is allowed at this step (the grammar admits none of the vocabulary)")
-    if temperature == 0:
+    if temperature < _SAMPLING_EPS:
         return int(torch.argmax(logits).item())
     probs = torch.softmax(logits / temperature, dim=-1)
     if top_p < 1.0:
