@@ -228,10 +228,19 @@ def schema_prompt(prompt: str, schema: dict[str, Any]) -> list[dict[str, str]]:
 def create_app(kind: str, engine: Any = None, auth: str = "none"):
     """The FastAPI app for one endpoint `kind`, answering from `engine`."""
     from fastapi import Depends, FastAPI, HTTPException, Request
+    from fastapi.encoders import jsonable_encoder
+    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
 
     api = FastAPI(title=f"{APP_NAME} {kind}", docs_url=None, redoc_url=None)
     in_flight = 0
+
+    @api.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own 422, except that a body which is not UTF-8 (sent as text/plain, say) is echoed
+        # with replacement characters: FastAPI decodes it strictly and would answer a 500.
+        errors = jsonable_encoder(exc.errors(), custom_encoder={bytes: lambda raw: raw.decode("utf-8", "replace")})
+        return JSONResponse({"detail": errors}, status_code=422)
 
     @api.middleware("http")
     async def limit_body(request: Request, call_next):
