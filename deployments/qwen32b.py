@@ -13,6 +13,7 @@ validation, engine, HTTP endpoints, Modal functions.
 # import this module), so `authorized(request: Request)` would become a required query field.
 import asyncio
 import json
+import math
 import time
 import uuid
 from typing import Any, Literal
@@ -111,6 +112,13 @@ def _bounded_schema(schema: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 parses to inf, which JSON cannot carry back to the client
+        raise ValueError(f"number out of range: {text[:40]}")
+    return value
+
+
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -128,7 +136,8 @@ class GenerateRequest(BaseModel):
 
 class GenerateResponse(BaseModel):
     ir_json: Any = Field(description="The parsed JSON; null when the output is incomplete.")
-    complete: bool = Field(description="False when max_tokens cut the output: the JSON is incomplete.")
+    complete: bool = Field(description="False when max_tokens cut the output: the JSON is incomplete "
+                                       "(or, rarely, holds a number out of range: see text).")
     text: str
     tokens_used: int
     generation_time_ms: float
@@ -237,9 +246,13 @@ def create_app(kind: str, engine: Any = None, auth: str = "none"):
 
     @api.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        # FastAPI's own 422, except that a body which is not UTF-8 (sent as text/plain, say) is echoed
-        # with replacement characters: FastAPI decodes it strictly and would answer a 500.
-        errors = jsonable_encoder(exc.errors(), custom_encoder={bytes: lambda raw: raw.decode("utf-8", "replace")})
+        # FastAPI's own 422, except for what its encoder cannot echo (it would answer a 500): a body that
+        # is not UTF-8 (sent as text/plain, say) gets replacement characters, and NaN or Infinity (which
+        # Python's JSON parser accepts, but JSON cannot carry) are echoed as strings.
+        errors = jsonable_encoder(exc.errors(), custom_encoder={
+            bytes: lambda raw: raw.decode("utf-8", "replace"),
+            float: lambda x: x if math.isfinite(x) else str(x),
+        })
         return JSONResponse({"detail": errors}, status_code=422)
 
     @api.middleware("http")
@@ -320,8 +333,8 @@ def create_app(kind: str, engine: Any = None, auth: str = "none"):
             parsed = None
             if complete:
                 try:
-                    parsed = json.loads(result["text"])
-                except json.JSONDecodeError:
+                    parsed = json.loads(result["text"], parse_float=_finite_float)
+                except ValueError:  # not JSON, or a number Python cannot hold (1e999, 5000 digits)
                     complete = False
             return GenerateResponse(
                 ir_json=parsed,
