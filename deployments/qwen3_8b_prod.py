@@ -91,19 +91,24 @@ TOKEN_ENV = "LIFTDEPLOY_API_TOKEN"  # set by the Modal Secret "qwen3-api-token"
 # Missing or mistyped fields are answered with 422 naming each field, never a 500.
 
 
-def _depth(node: Any) -> int:
-    if isinstance(node, dict):
-        return 1 + max((_depth(v) for v in node.values()), default=0)
-    if isinstance(node, list):
-        return 1 + max((_depth(v) for v in node), default=0)
-    return 0
+def _nests_deeper(node: Any, limit: int) -> bool:
+    """Whether objects and arrays nest more than `limit` levels deep. Iterative: the body parser
+    accepts ~1000 levels, more than Python's stack has left for a recursive walk (a 500)."""
+    stack = [(node, 0)]  # (value, containers above it)
+    while stack:
+        value, above = stack.pop()
+        if isinstance(value, (dict, list)):
+            if above >= limit:
+                return True
+            stack.extend((child, above + 1) for child in (value.values() if isinstance(value, dict) else value))
+    return False
 
 
 def _bounded_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    if _nests_deeper(schema, MAX_SCHEMA_DEPTH):  # first: json.dumps recurses too
+        raise ValueError(f"schema nests deeper than {MAX_SCHEMA_DEPTH} levels")
     if len(json.dumps(schema)) > MAX_SCHEMA_BYTES:
         raise ValueError(f"schema is larger than {MAX_SCHEMA_BYTES} bytes")
-    if _depth(schema) > MAX_SCHEMA_DEPTH:
-        raise ValueError(f"schema nests deeper than {MAX_SCHEMA_DEPTH} levels")
     return schema
 
 
@@ -275,13 +280,15 @@ def create_app(kind: str, engine: Any = None, auth: str = "none"):
     @api.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         # FastAPI's own 422, except for what its encoder cannot echo (it would answer a 500): a body that
-        # is not UTF-8 (sent as text/plain, say) gets replacement characters, and NaN or Infinity (which
-        # Python's JSON parser accepts, but JSON cannot carry) are echoed as strings.
-        errors = jsonable_encoder(exc.errors(), custom_encoder={
-            bytes: lambda raw: raw.decode("utf-8", "replace"),
-            float: lambda x: x if math.isfinite(x) else str(x),
-        })
-        return JSONResponse({"detail": errors}, status_code=422)
+        # is not UTF-8 (sent as text/plain, say) gets replacement characters, NaN or Infinity (which
+        # Python's JSON parser accepts, but JSON cannot carry) are echoed as strings, and an input too
+        # deep for a recursive encoder is left out.
+        encoders = {bytes: lambda raw: raw.decode("utf-8", "replace"), float: lambda x: x if math.isfinite(x) else str(x)}
+        try:
+            return JSONResponse({"detail": jsonable_encoder(exc.errors(), custom_encoder=encoders)}, status_code=422)
+        except RecursionError:  # an input nested too deep to echo: the errors without it
+            errors = [{k: v for k, v in error.items() if k != "input"} for error in exc.errors()]
+            return JSONResponse({"detail": jsonable_encoder(errors, custom_encoder=encoders)}, status_code=422)
 
     @api.middleware("http")
     async def limit_body(request: Request, call_next):

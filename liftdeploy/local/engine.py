@@ -134,7 +134,7 @@ class LocalEngine:
             raise ValueError(f"schema must be a JSON object, not {type(schema).__name__}")  # noqa: TRY004
         try:
             key = json.dumps(schema, sort_keys=True)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:
             raise ValueError(f"schema is not JSON-serialisable: {exc}") from exc
         with self._grammar_lock:
             cached = self._grammars.get(key)
@@ -147,6 +147,8 @@ class LocalEngine:
             jsonschema.validators.validator_for(schema).check_schema(schema)
         except jsonschema.SchemaError as exc:
             raise ValueError(f"invalid JSON Schema: {exc.message}") from exc
+        except RecursionError:  # jsonschema walks the schema recursively: ~100 levels of arrays is its limit
+            raise ValueError("schema nests too deeply to be checked") from None
         if not self.ready:
             self.start()
         try:
