@@ -12,6 +12,7 @@ validation, engine, HTTP endpoints, Modal functions.
 # module's globals, and `Request` is imported inside create_app (fastapi is not needed to
 # import this module), so `authorized(request: Request)` would become a required query field.
 import asyncio
+import concurrent.futures
 import hmac
 import json
 import math
@@ -74,6 +75,7 @@ MAX_SCHEMA_BYTES = 65536
 MAX_SCHEMA_DEPTH = 32
 MAX_BODY_BYTES = 1048576
 SCHEMA_COMPILE_TIMEOUT = 10.0  # seconds
+SCHEMA_COMPILERS = 4  # schemas compiled at once; one more is refused (503), not queued
 MAX_INPUTS = 32  # requests one container serves at once
 QUEUE = 32  # requests that may wait beyond MAX_INPUTS before a 503
 
@@ -276,6 +278,12 @@ def create_app(kind: str, engine: Any = None, auth: str = "none"):
 
     api = FastAPI(title=f"{APP_NAME} {kind}", docs_url=None, redoc_url=None)
     in_flight = 0
+    # Schemas compile on threads of their own. A compile that overruns SCHEMA_COMPILE_TIMEOUT cannot
+    # be stopped (it is C++): its request is answered, the compile keeps its thread until it ends.
+    # While every compiler is busy a new schema is refused at once (503), so no request waits behind
+    # another's schema, and generation, on the default executor, never does.
+    compilers = concurrent.futures.ThreadPoolExecutor(SCHEMA_COMPILERS, thread_name_prefix="schema-compile")
+    compiling: set[concurrent.futures.Future] = set()  # running, whether or not their request timed out
 
     @api.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -317,8 +325,13 @@ def create_app(kind: str, engine: Any = None, auth: str = "none"):
         if engine is None or not engine.ready:
             raise unavailable("the model is still loading")
         if schema is not None:
+            if len(compiling) >= SCHEMA_COMPILERS:
+                raise unavailable(f"{len(compiling)} schemas are compiling")
+            job = compilers.submit(engine.check_schema, schema)
+            compiling.add(job)
+            job.add_done_callback(compiling.discard)
             try:
-                await asyncio.wait_for(asyncio.to_thread(engine.check_schema, schema), SCHEMA_COMPILE_TIMEOUT)
+                await asyncio.wait_for(asyncio.wrap_future(job), SCHEMA_COMPILE_TIMEOUT)
             except ValueError as exc:
                 raise HTTPException(400, detail=f"schema cannot be used for constrained decoding: {exc}") from None
             except asyncio.TimeoutError:
