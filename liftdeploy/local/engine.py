@@ -157,6 +157,8 @@ class LocalEngine:
             # drop the C++ location prefix: "[13:42:54] /project/cpp/json_schema_converter.cc:4950: "
             why = re.sub(r"^\[[\d:]+\]\s+\S+:\d+:\s*", "", str(exc).strip())
             raise ValueError(f"XGrammar cannot compile the schema: {why}") from exc
+        if not _allows_a_first_token(compiled, self.vocab_size):  # e.g. {"$ref": "#"}: nothing to start with
+            raise ValueError("the schema admits no JSON value (no token can start one)")
         with self._grammar_lock:
             self._grammars[key] = compiled
             self._grammars.move_to_end(key)
@@ -237,6 +239,9 @@ class LocalEngine:
                 if matcher is not None:
                     matcher.fill_next_token_bitmask(bitmask)
                     xgr.apply_token_bitmask_inplace(logits, bitmask)
+                    if not torch.isfinite(logits).any():  # a dead end of the schema, not an engine failure
+                        so_far = self.tokenizer.decode(out_ids, skip_special_tokens=True)
+                        raise ValueError(f"the schema admits no continuation of {so_far[-80:]!r}")
                     guarded = logits[0].masked_fill(guard.disallowed(), float("-inf"))
                     if torch.isfinite(guarded).any():  # never stricter than the grammar itself
                         logits[0] = guarded
@@ -259,6 +264,17 @@ class LocalEngine:
             "completion_tokens": len(out_ids),
             "finish_reason": finish_reason,
         }
+
+
+def _allows_a_first_token(compiled: Any, vocab_size: int) -> bool:
+    """Whether a generation constrained to ``compiled`` can emit anything at all."""
+    import torch
+    import xgrammar as xgr
+
+    matcher = xgr.GrammarMatcher(compiled)
+    bitmask = xgr.allocate_token_bitmask(1, vocab_size)
+    matcher.fill_next_token_bitmask(bitmask)
+    return bool((bitmask != 0).any()) or matcher.is_terminated()
 
 
 @contextlib.contextmanager
