@@ -12,8 +12,10 @@ validation, engine, HTTP endpoints, Modal functions.
 # module's globals, and `Request` is imported inside create_app (fastapi is not needed to
 # import this module), so `authorized(request: Request)` would become a required query field.
 import asyncio
+import concurrent.futures
 import hmac
 import json
+import math
 import os
 import time
 import uuid
@@ -75,6 +77,7 @@ MAX_SCHEMA_BYTES = 65536
 MAX_SCHEMA_DEPTH = 32
 MAX_BODY_BYTES = 1048576
 SCHEMA_COMPILE_TIMEOUT = 10.0  # seconds
+SCHEMA_COMPILERS = 4  # schemas compiled at once; one more is refused (503), not queued
 MAX_INPUTS = 32  # requests one container serves at once
 QUEUE = 32  # requests that may wait beyond MAX_INPUTS before a 503
 
@@ -92,20 +95,32 @@ TOKEN_ENV = "LIFTDEPLOY_API_TOKEN"  # set by the Modal Secret "qwen3-api-token"
 # Missing or mistyped fields are answered with 422 naming each field, never a 500.
 
 
-def _depth(node: Any) -> int:
-    if isinstance(node, dict):
-        return 1 + max((_depth(v) for v in node.values()), default=0)
-    if isinstance(node, list):
-        return 1 + max((_depth(v) for v in node), default=0)
-    return 0
+def _nests_deeper(node: Any, limit: int) -> bool:
+    """Whether objects and arrays nest more than `limit` levels deep. Iterative: the body parser
+    accepts ~1000 levels, more than Python's stack has left for a recursive walk (a 500)."""
+    stack = [(node, 0)]  # (value, containers above it)
+    while stack:
+        value, above = stack.pop()
+        if isinstance(value, (dict, list)):
+            if above >= limit:
+                return True
+            stack.extend((child, above + 1) for child in (value.values() if isinstance(value, dict) else value))
+    return False
 
 
 def _bounded_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    if _nests_deeper(schema, MAX_SCHEMA_DEPTH):  # first: json.dumps recurses too
+        raise ValueError(f"schema nests deeper than {MAX_SCHEMA_DEPTH} levels")
     if len(json.dumps(schema)) > MAX_SCHEMA_BYTES:
         raise ValueError(f"schema is larger than {MAX_SCHEMA_BYTES} bytes")
-    if _depth(schema) > MAX_SCHEMA_DEPTH:
-        raise ValueError(f"schema nests deeper than {MAX_SCHEMA_DEPTH} levels")
     return schema
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 parses to inf, which JSON cannot carry back to the client
+        raise ValueError(f"number out of range: {text[:40]}")
+    return value
 
 
 class GenerateRequest(BaseModel):
@@ -125,7 +140,8 @@ class GenerateRequest(BaseModel):
 
 class GenerateResponse(BaseModel):
     ir_json: Any = Field(description="The parsed JSON; null when the output is incomplete.")
-    complete: bool = Field(description="False when max_tokens cut the output: the JSON is incomplete.")
+    complete: bool = Field(description="False when max_tokens cut the output: the JSON is incomplete "
+                                       "(or, rarely, holds a number out of range: see text).")
     text: str
     tokens_used: int
     generation_time_ms: float
@@ -268,10 +284,31 @@ def schema_prompt(prompt: str, schema: dict[str, Any]) -> list[dict[str, str]]:
 def create_app(kind: str, engine: Any = None, auth: str = "none"):
     """The FastAPI app for one endpoint `kind`, answering from `engine`."""
     from fastapi import Depends, FastAPI, HTTPException, Request
+    from fastapi.encoders import jsonable_encoder
+    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
 
     api = FastAPI(title=f"{APP_NAME} {kind}", docs_url=None, redoc_url=None)
     in_flight = 0
+    # Schemas compile on threads of their own. A compile that overruns SCHEMA_COMPILE_TIMEOUT cannot
+    # be stopped (it is C++): its request is answered, the compile keeps its thread until it ends.
+    # While every compiler is busy a new schema is refused at once (503), so no request waits behind
+    # another's schema, and generation, on the default executor, never does.
+    compilers = concurrent.futures.ThreadPoolExecutor(SCHEMA_COMPILERS, thread_name_prefix="schema-compile")
+    compiling: set[concurrent.futures.Future] = set()  # running, whether or not their request timed out
+
+    @api.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own 422, except for what its encoder cannot echo (it would answer a 500): a body that
+        # is not UTF-8 (sent as text/plain, say) gets replacement characters, NaN or Infinity (which
+        # Python's JSON parser accepts, but JSON cannot carry) are echoed as strings, and an input too
+        # deep for a recursive encoder is left out.
+        encoders = {bytes: lambda raw: raw.decode("utf-8", "replace"), float: lambda x: x if math.isfinite(x) else str(x)}
+        try:
+            return JSONResponse({"detail": jsonable_encoder(exc.errors(), custom_encoder=encoders)}, status_code=422)
+        except RecursionError:  # an input nested too deep to echo: the errors without it
+            errors = [{k: v for k, v in error.items() if k != "input"} for error in exc.errors()]
+            return JSONResponse({"detail": jsonable_encoder(errors, custom_encoder=encoders)}, status_code=422)
 
     @api.middleware("http")
     async def limit_body(request: Request, call_next):
@@ -300,8 +337,13 @@ def create_app(kind: str, engine: Any = None, auth: str = "none"):
         if engine is None or not engine.ready:
             raise unavailable("the model is still loading")
         if schema is not None:
+            if len(compiling) >= SCHEMA_COMPILERS:
+                raise unavailable(f"{len(compiling)} schemas are compiling")
+            job = compilers.submit(engine.check_schema, schema)
+            compiling.add(job)
+            job.add_done_callback(compiling.discard)
             try:
-                await asyncio.wait_for(asyncio.to_thread(engine.check_schema, schema), SCHEMA_COMPILE_TIMEOUT)
+                await asyncio.wait_for(asyncio.wrap_future(job), SCHEMA_COMPILE_TIMEOUT)
             except ValueError as exc:
                 raise HTTPException(400, detail=f"schema cannot be used for constrained decoding: {exc}") from None
             except asyncio.TimeoutError:
@@ -357,8 +399,8 @@ def create_app(kind: str, engine: Any = None, auth: str = "none"):
             parsed = None
             if complete:
                 try:
-                    parsed = json.loads(result["text"])
-                except json.JSONDecodeError:
+                    parsed = json.loads(result["text"], parse_float=_finite_float)
+                except ValueError:  # not JSON, or a number Python cannot hold (1e999, 5000 digits)
                     complete = False
             return GenerateResponse(
                 ir_json=parsed,

@@ -28,6 +28,10 @@ from typing import Any
 __all__ = ["LocalEngine"]
 
 _GRAMMAR_CACHE_SIZE = 128
+# As in vLLM (vllm.sampling_params._SAMPLING_EPS): a temperature below this samples greedily. A tiny
+# positive temperature (the API accepts e.g. 5e-324) would otherwise overflow `logits / temperature`
+# to inf, softmax to NaN, and fail the request with a 503.
+_SAMPLING_EPS = 1e-5
 
 
 class LocalEngine:
@@ -130,7 +134,7 @@ class LocalEngine:
             raise ValueError(f"schema must be a JSON object, not {type(schema).__name__}")  # noqa: TRY004
         try:
             key = json.dumps(schema, sort_keys=True)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:
             raise ValueError(f"schema is not JSON-serialisable: {exc}") from exc
         with self._grammar_lock:
             cached = self._grammars.get(key)
@@ -143,6 +147,8 @@ class LocalEngine:
             jsonschema.validators.validator_for(schema).check_schema(schema)
         except jsonschema.SchemaError as exc:
             raise ValueError(f"invalid JSON Schema: {exc.message}") from exc
+        except RecursionError:  # jsonschema walks the schema recursively: ~100 levels of arrays is its limit
+            raise ValueError("schema nests too deeply to be checked") from None
         if not self.ready:
             self.start()
         try:
@@ -151,6 +157,8 @@ class LocalEngine:
             # drop the C++ location prefix: "[13:42:54] /project/cpp/json_schema_converter.cc:4950: "
             why = re.sub(r"^\[[\d:]+\]\s+\S+:\d+:\s*", "", str(exc).strip())
             raise ValueError(f"XGrammar cannot compile the schema: {why}") from exc
+        if not _allows_a_first_token(compiled, self.vocab_size):  # e.g. {"$ref": "#"}: nothing to start with
+            raise ValueError("the schema admits no JSON value (no token can start one)")
         with self._grammar_lock:
             self._grammars[key] = compiled
             self._grammars.move_to_end(key)
@@ -231,6 +239,9 @@ class LocalEngine:
                 if matcher is not None:
                     matcher.fill_next_token_bitmask(bitmask)
                     xgr.apply_token_bitmask_inplace(logits, bitmask)
+                    if not torch.isfinite(logits).any():  # a dead end of the schema, not an engine failure
+                        so_far = self.tokenizer.decode(out_ids, skip_special_tokens=True)
+                        raise ValueError(f"the schema admits no continuation of {so_far[-80:]!r}")
                     guarded = logits[0].masked_fill(guard.disallowed(), float("-inf"))
                     if torch.isfinite(guarded).any():  # never stricter than the grammar itself
                         logits[0] = guarded
@@ -255,6 +266,17 @@ class LocalEngine:
         }
 
 
+def _allows_a_first_token(compiled: Any, vocab_size: int) -> bool:
+    """Whether a generation constrained to ``compiled`` can emit anything at all."""
+    import torch
+    import xgrammar as xgr
+
+    matcher = xgr.GrammarMatcher(compiled)
+    bitmask = xgr.allocate_token_bitmask(1, vocab_size)
+    matcher.fill_next_token_bitmask(bitmask)
+    return bool((bitmask != 0).any()) or matcher.is_terminated()
+
+
 @contextlib.contextmanager
 def _torch_threads(n: int | None):
     """Temporarily use ``n`` intra-op threads. The smoke model (hidden size 64) only loses from
@@ -273,12 +295,12 @@ def _torch_threads(n: int | None):
 
 
 def _sample(logits: Any, temperature: float, top_p: float, generator: Any) -> int:
-    """Pick the next token from masked logits (1-D): greedy at temperature 0, else top-p sampling."""
+    """Pick the next token from masked logits (1-D): greedy at temperature ~0, else top-p sampling."""
     import torch
 
     if not torch.isfinite(logits).any():
         raise RuntimeError("no token is allowed at this step (the grammar admits none of the vocabulary)")
-    if temperature == 0:
+    if temperature < _SAMPLING_EPS:
         return int(torch.argmax(logits).item())
     probs = torch.softmax(logits / temperature, dim=-1)
     if top_p < 1.0:

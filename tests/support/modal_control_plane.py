@@ -7,7 +7,7 @@ package (``modal_proto.api_grpc.ModalClientBase``) on 127.0.0.1, so ``modal depl
 
 Every request is recorded as ``(method_name, decoded protobuf message)`` so that tests can
 assert what Modal would have received, and any RPC can be made to fail with a chosen gRPC
-status (:meth:`ModalControlPlane.fail`).  Every RPC of the service is routed: the ones below
+status (:meth:`ModalControlPlane.fail`), or wait first (:meth:`ModalControlPlane.delay`).  Every RPC of the service is routed: the ones below
 have behaviour, all others answer ``UNIMPLEMENTED`` naming the method, so a gap is obvious.
 
 Served RPCs (what ``modal deploy`` / ``App.deploy()`` / ``modal app stop`` call):
@@ -31,6 +31,7 @@ Helper API (see the methods for details)::
     with ModalControlPlane() as cp:          # serves on 127.0.0.1:<free port>, own thread
         cp.add_secret("huggingface", {"HF_TOKEN": "x"})
         cp.fail("FunctionCreate", grpclib.Status.FAILED_PRECONDITION, "no", times=None)
+        cp.delay("AppPublish", 30)           # hold every AppPublish call (None: stop)
         subprocess.run([..., "-m", "modal", "deploy", path], env={**os.environ, **cp.env()})
         with cp.configured():                # or in-process: env vars + fresh Client.from_env()
             app.deploy(name="x", tag="v1")
@@ -129,6 +130,7 @@ class ModalControlPlane:
         self._blobs: dict[str, bytes] = {}  # sha256 hex -> file content
         self._handles: dict[str, Message] = {}  # object id -> handle metadata (for layouts)
         self._failures: dict[str, _Failure] = {}
+        self._delays: dict[str, float] = {}  # method -> seconds each call waits (see delay())
         self.errors: list[tuple[str, Exception]] = []  # exceptions raised by the double's own code
         self._image_build_failure: str | None = None
         self._lock = threading.Lock()
@@ -202,6 +204,19 @@ class ModalControlPlane:
             raise ValueError(f"{method!r} is not an RPC of modal.client.ModalClient")
         with self._lock:
             self._failures[method] = _Failure(status, message or f"injected failure in {method}", times)
+
+    def delay(self, method: str, seconds: float | None) -> None:
+        """Hold every call of `method` for `seconds` before answering it (`None`: stop delaying).
+
+        The call is recorded (in :attr:`requests`) before the wait, so a test can see that a client is
+        waiting there, e.g. to interrupt it mid-deploy. Other calls are served meanwhile."""
+        if method not in rpc_handlers():
+            raise ValueError(f"{method!r} is not an RPC of modal.client.ModalClient")
+        with self._lock:
+            if seconds is None:
+                self._delays.pop(method, None)
+            else:
+                self._delays[method] = seconds
 
     def fail_image_build(self, exception: str = "injected image build failure") -> None:
         """Make the next image build report GENERIC_STATUS_FAILURE with this exception text."""
@@ -630,6 +645,10 @@ class _Handlers:
         async def handle(stream: grpclib.server.Stream) -> None:
             request = await stream.recv_message()
             plane.requests.append((name, request))
+            with plane._lock:
+                pause = plane._delays.get(name)
+            if pause:
+                await asyncio.sleep(pause)
             plane._check_failure(name)
             impl = getattr(plane, name, None) if name[:1].isupper() else None
             if impl is None:
