@@ -268,7 +268,6 @@ class LocalEngine:
 
 def _allows_a_first_token(compiled: Any, vocab_size: int) -> bool:
     """Whether a generation constrained to ``compiled`` can emit anything at all."""
-    import torch
     import xgrammar as xgr
 
     matcher = xgr.GrammarMatcher(compiled)
