@@ -24,6 +24,9 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from liftdeploy.bench import percentile  # noqa: E402  (the benchmark runs from a checkout)
+
 SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0,
                                                                             "maximum": 9}},
           "required": ["ok", "n"]}
@@ -43,11 +46,6 @@ class LoadResult:
     @property
     def unexpected(self) -> int:
         return sum(n for status, n in self.statuses.items() if status not in ("200", "503"))
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
 async def one(client: httpx.AsyncClient, url: str, headers: dict[str, str]) -> tuple[str, float, float]:
@@ -89,7 +87,6 @@ async def load(url: str, headers: dict[str, str], *, clients: int, seconds: floa
 
 def serve_seeds_deployment():
     """The local server for deployments/qwen32b.toml on the smoke model, with known proxy credentials."""
-    sys.path.insert(0, str(ROOT))
     from liftdeploy.local.engine import LocalEngine
     from liftdeploy.local.server import Credentials, LocalServer, build
     from liftdeploy.manifest import load as load_manifest

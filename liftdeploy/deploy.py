@@ -123,9 +123,7 @@ def deploy(loaded: Loaded, path: Path) -> tuple[str | None, dict[str, str]]:
             app.deploy(name=m.app.name, environment_name=m.app.environment, tag=tag_for(loaded))
     except modal.exception.AuthError as exc:
         raise StepError("deploy", f"Modal refused the credentials: {exc}", "run `modal token new`") from None
-    except (modal.exception.Error, OSError) as exc:
-        raise StepError("deploy", f"{type(exc).__name__}: {exc}", "nothing was changed locally; fix and re-run apply") from None
-    except Exception as exc:  # grpclib and friends: still a failed deploy, not a crash
+    except Exception as exc:  # modal's errors, OSError, grpclib's: a failed deploy, not a crash
         raise StepError("deploy", f"{type(exc).__name__}: {exc}", "nothing was changed locally; fix and re-run apply") from None
     return app.app_id, web_urls(module)
 
