@@ -60,6 +60,8 @@ def py(value: Any) -> str:
 
 def py_block(value: Any, indent: int = 0, width: int = 100) -> str:
     """Like `py`, but a long list or dict is written one item per line, as a formatter would."""
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode="json")
     flat = py(value)
     if len(flat) + indent <= width or not isinstance(value, (dict, list, tuple)) or not value:
         return flat
