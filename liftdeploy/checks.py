@@ -18,7 +18,7 @@ from typing import Literal
 from . import catalog, compat, sizing
 from ._toml_lines import locate
 from .errors import ManifestError, UsageError
-from .manifest import Auth, Loaded, load, read
+from .manifest import Auth, Loaded, load_targets, read
 from .render import drift, output_path
 
 Severity = Literal["error", "warning"]
@@ -113,9 +113,7 @@ def gpu_memory(loaded: Loaded, text: str) -> Iterator[Finding]:
                 f"{fit.usable_gib:.0f} GiB at gpu_memory_utilization {m.model.gpu_memory_utilization}",
                 f"use {bigger[0]}" if bigger else "quantize the model or add GPUs (`\"H100:2\"` with tensor_parallel_size = 2)",
             )
-        name = fit.gpu.split(":")[0]
-        gpu = catalog.find_gpu(name)
-        if m.model.quantization == "fp8" and gpu is not None and not gpu.fp8:
+        if m.model.quantization == "fp8" and not fit.spec.gpu.fp8:
             yield _finding(loaded, text, "warning", "fp8-emulated", path,
                            f"`{fit.gpu}` has no native FP8: vLLM falls back to slower weight-only kernels",
                            "prefer L4, L40S, H100, H200 or B200 for fp8")
@@ -246,19 +244,20 @@ class Report:
 def check(paths: list[Path], *, resolve: bool = False, drift_check: bool = True) -> Report:
     report = Report([], [], [])
     for path in manifests(paths):
-        _, text, _ = _read_safely(path, report)
-        if text is None:
-            continue
-        report.findings.extend(secret_values(path, text))
         try:
-            base = load(path)
+            source = read(path)
         except ManifestError as exc:
-            report.invalid.extend(Finding("error", "invalid", p.message, p.hint, p.file, p.path, p.line)
-                                  for p in exc.problems)
+            report.invalid.extend(_invalid(exc))
             continue
-        envs = [load(path, name) for name in base.manifest.env]
+        report.findings.extend(secret_values(path, source.text))
+        try:
+            targets = load_targets(source)
+        except ManifestError as exc:
+            report.invalid.extend(_invalid(exc))
+            continue
+        text = source.text
         seen: set[tuple[str, str, str]] = set()  # an env repeats none of the base's findings
-        for loaded in [base, *envs]:
+        for loaded in targets.all:
             report.checked.append(loaded.label)
             found = [f for each in RULES for f in each(loaded, text)]
             if drift_check:
@@ -270,14 +269,9 @@ def check(paths: list[Path], *, resolve: bool = False, drift_check: bool = True)
                 if loaded.env is None or key not in seen:
                     report.findings.append(f)
                 seen.add(key)
-        report.findings.extend(overlay_collisions(base, envs, text))
+        report.findings.extend(overlay_collisions(targets.base, list(targets.envs), text))
     return report
 
 
-def _read_safely(path: Path, report: Report) -> tuple[object, str | None, object]:
-    try:
-        return read(path)
-    except ManifestError as exc:
-        report.invalid.extend(Finding("error", "invalid", p.message, p.hint, p.file, p.path, p.line)
-                              for p in exc.problems)
-        return None, None, None
+def _invalid(exc: ManifestError) -> list[Finding]:
+    return [Finding("error", "invalid", p.message, p.hint, p.file, p.path, p.line) for p in exc.problems]

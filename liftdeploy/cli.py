@@ -75,17 +75,20 @@ def validate(
     env: EnvOption = None,
 ) -> None:
     """Validate manifests (and all their env overlays). Exit 0 valid, 2 invalid."""
-    from .manifest import load
+    from .manifest import load, load_targets
 
     problems = []
     for file in files:
         try:
-            loaded = load(file, env)
+            if env:
+                load(file, env)
+                names = [env]
+            else:
+                names = ["(base)", *(loaded.env for loaded in load_targets(file).envs)]
         except ManifestError as error:
             problems.extend(error.problems)
             continue
-        envs = [env] if env else ["(base)", *loaded.manifest.env]
-        typer.echo(f"ok: {file} ({', '.join(envs)})")
+        typer.echo(f"ok: {file} ({', '.join(map(str, names))})")
     if problems:
         raise ManifestError(problems)
 
@@ -183,7 +186,7 @@ def apply(
     from .checks import check as run_checks
     from .errors import StepError
     from .manifest import load
-    from .plan import describe, settings
+    from .plan import describe
 
     loaded = load(file, env)
     report = run_checks([file], drift_check=False)
@@ -200,7 +203,7 @@ def apply(
         typer.echo("cancelled; nothing was deployed")
         raise typer.Exit(1)
     steps = deploying.apply(
-        loaded, settings=settings(loaded), verify=verify, warmup_timeout=timeout,
+        loaded, verify=verify, warmup_timeout=timeout,
         on_step=lambda step: typer.echo(f"✓ {step.name} ({step.seconds:.1f} s) {step.detail}"),
         progress=lambda elapsed, last: typer.echo(f"  … warming up, {elapsed:.0f} s ({last})", err=True),
     )
