@@ -79,7 +79,8 @@ def deploy(loaded: Loaded, path: Path) -> tuple[str | None, dict[str, str]]:
     except modal.exception.AuthError as exc:
         raise StepError("deploy", f"Modal refused the credentials: {exc}", "run `modal token new`") from None
     except Exception as exc:  # modal's errors, OSError, grpclib's: a failed deploy, not a crash
-        raise StepError("deploy", f"{type(exc).__name__}: {exc}", "nothing was changed locally; fix and re-run apply") from None
+        raise StepError("deploy", f"{type(exc).__name__}: {exc}",
+                        "nothing was changed locally; fix and re-run apply") from None
     return app.app_id, web_urls(module, m.endpoints)
 
 
@@ -97,7 +98,8 @@ def destroy(loaded: Loaded) -> int:
     """Stop the Modal app (`modal app stop`); once it is stopped, forget the last apply's state,
     so that `plan` no longer claims the deployment matches."""
     m = loaded.manifest
-    code = subprocess.call([sys.executable, "-m", "modal", "app", "stop", m.app.name, "--env", m.app.environment, "--yes"])
+    stop = [sys.executable, "-m", "modal", "app", "stop", m.app.name, "--env", m.app.environment, "--yes"]
+    code = subprocess.call(stop)
     if code == 0:
         forget(loaded)
     return code

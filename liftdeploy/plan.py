@@ -48,7 +48,8 @@ def describe(loaded: Loaded, state: State | None = None) -> str:
     state = state if state is not None else read_state(loaded)
     lines = [f"liftdeploy plan: {loaded.label}", ""]
     lines.append(f"  app          {m.app.name} in Modal environment `{m.app.environment}`")
-    lines.append(f"  model        {m.model.id}" + (f" @ {m.model.revision[:12]}" if m.model.revision else " (unpinned)"))
+    revision = f" @ {m.model.revision[:12]}" if m.model.revision else " (unpinned)"
+    lines.append(f"  model        {m.model.id}{revision}")
     fits = sizing.fits(m)
     gpus = ", ".join(f"{f.spec} (${f.spec.usd_per_hour:.2f}/h{'' if f.fits else ', too small'})" for f in fits)
     lines.append(f"  gpu          {gpus}  — tried in this order")
@@ -67,7 +68,8 @@ def describe(loaded: Loaded, state: State | None = None) -> str:
                  + (f" (+{s.buffer_containers} buffer)" if s.buffer_containers else "")
                  + f", timeout {s.timeout} s, startup {s.startup_timeout} s")
     lines.append(f"  concurrency  {c.max_inputs} inputs per container"
-                 + (f" (target {c.target_inputs})" if c.target_inputs else "") + (f", queue {c.queue}" if c.queue else ""))
+                 + (f" (target {c.target_inputs})" if c.target_inputs else "")
+                 + (f", queue {c.queue}" if c.queue else ""))
     first = m.gpus[0]
     idle = s.min_containers * first.usd_per_hour
     lines.append(f"  cost         ${first.usd_per_hour:.2f}/h per busy container on {first}; "

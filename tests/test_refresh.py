@@ -187,7 +187,8 @@ def _fetcher(pages: dict[str, bytes], calls: list[str]):
 @pytest.mark.parametrize("advertise", [True, False])
 def test_refresh_pipeline_offline(tmp_path: Path, advertise: bool) -> None:
     meta = FIXTURE.read_bytes()
-    meta_060 = b"Name: vllm\nVersion: 0.6.0\nRequires-Python: >=3.8\nRequires-Dist: torch==2.4.0\nRequires-Dist: transformers>=4.43.2\n"
+    meta_060 = (b"Name: vllm\nVersion: 0.6.0\nRequires-Python: >=3.8\nRequires-Dist: torch==2.4.0\n"
+                b"Requires-Dist: transformers>=4.43.2\n")
     pages, calls = _fake_index({"0.9.2": meta, "0.6.0": meta_060}, advertise)
     out = tmp_path / "releases.json"
     doc = rf.refresh(out, index_url=INDEX, fetch=_fetcher(pages, calls), use_pip_fallback=False)

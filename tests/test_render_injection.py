@@ -114,7 +114,8 @@ def _augmented(name: str) -> dict[str, Any]:
     # Any other string field of a section, written out with its default or documented example,
     # so that a field added later is fuzzed too (test_every_string_field_is_fuzzed checks).
     for section, field in Manifest.model_fields.items():
-        model = next((a for a in _alternatives(field.annotation) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        models = [a for a in _alternatives(field.annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+        model = models[0] if models else None
         if model is None or not isinstance(data.get(section), dict):
             continue
         for name, sub in model.model_fields.items():
@@ -296,7 +297,8 @@ def ast_shape(node: Any) -> str:
     fields = []
     for name, value in ast.iter_fields(node):
         if isinstance(node, ast.Dict) and name == "keys":
-            pairs = [f"{ast_shape(k) if k else '**'}:{ast_shape(v)}" for k, v in zip(node.keys, node.values, strict=True)]
+            pairs = [f"{ast_shape(k) if k else '**'}:{ast_shape(v)}"
+                     for k, v in zip(node.keys, node.values, strict=True)]
             fields.append(f"pairs=[{','.join(_runs(pairs))}]")
         elif isinstance(node, ast.Dict) and name == "values":
             continue
@@ -799,7 +801,8 @@ REJECTED = [
 ]
 
 
-@pytest.mark.parametrize("path,value,message", REJECTED, ids=[f"{'.'.join(map(str, p))}={v[:20]!r}" for p, v, _ in REJECTED])
+@pytest.mark.parametrize("path,value,message", REJECTED,
+                         ids=[f"{'.'.join(map(str, p))}={v[:20]!r}" for p, v, _ in REJECTED])
 def test_modal_would_reject(path: PathT, value: str, message: str) -> None:
     data = copy.deepcopy(BASES["qwen32b"])
     assert substitute(data, path, value)

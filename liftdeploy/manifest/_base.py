@@ -5,13 +5,14 @@ from __future__ import annotations
 import difflib
 import re
 from enum import Enum
+from typing import Final
 
 from pydantic import BaseModel, ConfigDict
 from pydantic_core import PydanticCustomError
 
 # ## Named defaults
 
-DEFAULT_PYTHON = "3.12"
+DEFAULT_PYTHON: Final = "3.12"
 DEFAULT_UV = "0.13.9"  # the uv that `check --resolve` resolves with, installing in the image
 DEFAULT_SCALEDOWN_WINDOW = 300  # seconds: the seeds' 5-minute keep-warm period
 DEFAULT_TIMEOUT = 600  # seconds: the seeds' measured worst case for one request

@@ -101,8 +101,8 @@ class ImageSection(Section):
         for i, req in enumerate(packages):
             name, sep, version = req.partition("==")
             if not sep or not PACKAGE.match(name) or not VERSION.match(version):
-                raise invalid(f"`{req}` is not pinned with `==`", f"write e.g. `{name.split('>')[0].split('<')[0]}==1.2.3`",
-                              (i,))
+                bare = name.split(">")[0].split("<")[0]
+                raise invalid(f"`{req}` is not pinned with `==`", f"write e.g. `{bare}==1.2.3`", (i,))
         return packages
 
     @field_validator("env")

@@ -2,7 +2,7 @@
 
 `load(path, env=None)` returns one validated target; `load_targets(path)` returns the base
 and every `[env.<name>]` overlay. A file is read and parsed once; each target is validated
-once. Every mistake becomes a `Problem` with the file, the line, the key path and a hint.
+once. Every mistake becomes a `Diagnostic` with the file, the line, the key path and a hint.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .._toml_lines import locate
-from ..errors import ManifestError, Problem
+from ..errors import Diagnostic, ManifestError
 from ._base import did_you_mean
 from .root import Manifest
 
@@ -96,7 +96,8 @@ def read(path: Path | str) -> Source:
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise ManifestError.single(path, "no such file", "check the path; example manifests live in deployments/") from None
+        raise ManifestError.single(path, "no such file",
+                                   "check the path; example manifests live in deployments/") from None
     except IsADirectoryError:
         raise ManifestError.single(path, "is a directory, not a manifest", "pass a .toml file") from None
     except OSError as exc:
@@ -156,7 +157,8 @@ def _target(source: Source, env: str | None) -> Loaded:
                 else "this manifest has no `[env.<name>]` tables"
             raise ManifestError.single(path, f"no env `{env}`", hint, path="env")
         if not isinstance(overlays[env], dict):
-            raise ManifestError.single(path, f"`env.{env}` must be a table", f"write `[env.{env}]` and the keys it changes",
+            raise ManifestError.single(path, f"`env.{env}` must be a table",
+                                       f"write `[env.{env}]` and the keys it changes",
                                        path=f"env.{env}", line=locate(text, ["env", env]))
         merged = deep_merge({k: v for k, v in data.items() if k != "env"}, overlays[env])
         merged["env"] = overlays
@@ -172,8 +174,8 @@ def _target(source: Source, env: str | None) -> Loaded:
 # ## pydantic's errors, in the manifest's words
 
 
-def problems(exc: ValidationError, path: Path, text: str, env: str | None) -> list[Problem]:
-    """One problem per validation error: file, line, key path, message and hint."""
+def problems(exc: ValidationError, path: Path, text: str, env: str | None) -> list[Diagnostic]:
+    """One diagnostic per validation error: file, line, key path, message and hint."""
     out = []
     for error in exc.errors():
         loc = [p for p in error["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
@@ -183,7 +185,8 @@ def problems(exc: ValidationError, path: Path, text: str, env: str | None) -> li
         message = error["msg"]
         if error["type"] == "extra_forbidden":
             message = f"unknown key `{loc[-1]}`"
-            hint = did_you_mean(str(loc[-1]), _fields_at(loc[:-1])) or f"allowed here: {', '.join(_fields_at(loc[:-1]))}"
+            allowed = _fields_at(loc[:-1])
+            hint = did_you_mean(str(loc[-1]), allowed) or f"allowed here: {', '.join(allowed)}"
         elif error["type"] == "missing":
             message = "is required"
             hint = hint or _missing_hint(loc)
@@ -196,7 +199,7 @@ def problems(exc: ValidationError, path: Path, text: str, env: str | None) -> li
         line = locate(text, loc, env)
         if env is not None and line is None:
             line = locate(text, loc, None)
-        out.append(Problem(str(path) + (f" [env {env}]" if env else ""), key, message, hint, line))
+        out.append(Diagnostic(message, hint or _fallback_hint(error, loc), str(path), line, key, env))
     return out
 
 
@@ -231,6 +234,20 @@ def _missing_hint(loc: list[Any]) -> str | None:
         ("compute",): "add `[compute]` with `gpu = [\"A100-80GB\"]`",
         ("image",): "add `[image]` with `pins = { vllm = \"0.9.2\" }`",
     }.get(tuple(loc))
+
+
+_BOUNDS = {"ge": "at least", "gt": "above", "le": "at most", "lt": "below"}
+
+
+def _fallback_hint(error: Any, loc: list[Any]) -> str:
+    """A hint for pydantic's own errors, which come without one."""
+    ctx = error.get("ctx") or {}
+    bounds = [f"{word} {ctx[name]}" for name, word in _BOUNDS.items() if name in ctx]
+    if bounds:
+        return f"use a value {' and '.join(bounds)}"
+    if error["type"] == "missing" and len(loc) > 1:
+        return f"add `{loc[-1]}` to `{_key_path(loc[:-1])}`"
+    return f"`liftdeploy schema` shows what `{_key_path(loc) or 'a manifest'}` takes"
 
 
 def _plain(message: str, error: Any) -> str:

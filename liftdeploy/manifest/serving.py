@@ -190,7 +190,8 @@ class SecretsSection(Section):
             try:
                 cls._name(name)
             except PydanticCustomError as error:
-                raise invalid(error.context["message"], error.context["hint"], (i,)) from None
+                context = error.context or {}
+                raise invalid(context["message"], context["hint"], (i,)) from None
         return names
 
     @field_validator("bearer")

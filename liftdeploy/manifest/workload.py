@@ -145,7 +145,8 @@ class GpuSpec(BaseModel):
             raise invalid(f"unknown GPU `{name}`", did_you_mean(name.upper(), catalog.gpu_names())
                           or f"Modal offers: {', '.join(catalog.gpu_names())}, or `any`")
         if count and not (count.isdigit() and 1 <= int(count) <= gpu.max_count):
-            raise invalid(f"bad GPU count `{count}` for {gpu.name}", f"use 1 to {gpu.max_count}, e.g. `\"{gpu.name}:2\"`")
+            raise invalid(f"bad GPU count `{count}` for {gpu.name}",
+                          f"use 1 to {gpu.max_count}, e.g. `\"{gpu.name}:2\"`")
         return {"type": gpu.name, "count": int(count or 1)}
 
     @model_serializer
