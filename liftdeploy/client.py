@@ -108,10 +108,11 @@ class Endpoints:
 
     @classmethod
     def modal(cls, workspace: str, environment: str, endpoints: Iterable[EndpointLike]) -> Endpoints:
-        """Modal's URL scheme: `https://<workspace>[-<env>]--<label>.modal.run`."""
-        prefix = workspace if environment == "main" else f"{workspace}-{environment}"
+        """Modal's URLs (`urls.modal_url`) for a deployed app."""
+        from .urls import modal_urls
+
         endpoints = list(endpoints)
-        return cls.at({ep.label: f"https://{prefix}--{ep.label}.modal.run" for ep in endpoints}, endpoints)
+        return cls.at(modal_urls(workspace, environment, endpoints), endpoints)
 
     @staticmethod
     def kinds(endpoints: Iterable[EndpointLike]) -> dict[str, str]:

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import sizing
-from .client import Endpoints
 from .manifest import Loaded
 from .state import State, read_state, settings
+from .urls import modal_urls
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ def describe(loaded: Loaded, state: State | None = None) -> str:
     estimate = sizing.cold_start(m)
     if estimate:
         lines.append(f"  cold start   {estimate.describe()}")
-    urls = (Endpoints.modal(m.app.workspace, m.app.environment, m.endpoints).urls if m.app.workspace
+    urls = (modal_urls(m.app.workspace, m.app.environment, m.endpoints) if m.app.workspace
             else {ep.label: f"https://<workspace>--{ep.label}.modal.run" for ep in m.endpoints})
     lines.append("  endpoints")
     for ep in m.endpoints:

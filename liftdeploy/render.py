@@ -195,4 +195,4 @@ def drift(loaded: Loaded, path: Path) -> bool:
     except FileNotFoundError:
         return True
     except OSError as exc:
-        raise StepError("render", f"cannot read {path}: {exc.strerror}") from None
+        raise StepError("render", f"cannot read {path}: {exc.strerror}", "check the file's permissions") from None

@@ -328,6 +328,16 @@ def test_broken_manifest(case: Case, tmp_path: Path) -> None:
         assert error["line"] == (str(expected) if expected else None), f"expected line {expected}\n{text}\n{err}"
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_every_problem_carries_a_hint(case: Case, tmp_path: Path) -> None:
+    """pydantic's own errors (bounds, types, missing keys) come with a hint too."""
+    path = tmp_path / "broken.toml"
+    path.write_text(dump_toml(case.manifest())[0])
+    with pytest.raises(ManifestError) as caught:
+        load(path, case.env)
+    assert all(p.hint for p in caught.value.problems), caught.value.render()
+
+
 # ## Whole-file problems: the file cannot be read or parsed
 
 

@@ -74,7 +74,8 @@ class ImageSection(Section):
     def _pins(cls, pins: dict[str, str]) -> dict[str, str]:
         for name, version in pins.items():
             if not PACKAGE.match(name):
-                raise invalid(f"`{name}` is not a package name", at=(name,))
+                raise invalid(f"`{name}` is not a package name", "write the name as published, e.g. `transformers`",
+                              (name,))
             if not VERSION.match(version):
                 raise invalid(
                     f"`{name}` must be pinned to an exact version, got `{version}`",
