@@ -7,8 +7,8 @@ example module plus one with every Modal option the renderer writes
 pyproject declares must import all of them, and the release just below it must not; `liftdeploy
 check` must report a client below the floor.
 
-Measured (2026-12): 1.0.0-1.0.5 have no `Image.uv_pip_install`; 1.1.0, 1.1.1 and 1.1.3 (there is
-no 1.1.2) reject `App.cls(startup_timeout=...)`; 1.1.4 and later import everything.
+Measured: 1.0.0 and 1.0.5 have no `Image.uv_pip_install`; 1.1.0, 1.1.1 and 1.1.3 (there is
+no 1.1.2) reject `App.cls(startup_timeout=...)`; 1.1.4 and 1.6.4 import everything.
 """
 
 from __future__ import annotations
