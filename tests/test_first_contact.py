@@ -27,8 +27,10 @@ DEPLOYMENTS = ROOT / "deployments"
 IGNORING_SIGINT = ["sh", "-c", 'trap "" INT; exec "$0" "$@"']  # what `cmd &` in a script does to SIGINT
 
 
-def cli_process(*args: str, ignore_sigint: bool = False, **popen) -> subprocess.Popen:
+def cli_process(*args: str, ignore_sigint: bool = False, env_extra: dict[str, str] | None = None,
+                **popen) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MODAL_", "LIFTDEPLOY_PROXY", "LIFTDEPLOY_API"))}
+    env.update(env_extra or {})
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     cmd = [sys.executable, "-m", "liftdeploy.cli", *args]
     return subprocess.Popen([*IGNORING_SIGINT, *cmd] if ignore_sigint else cmd, cwd=ROOT, env=env, text=True,
@@ -146,3 +148,19 @@ def test_validate_names_the_envs_once_and_points_to_check(tmp_path):
                              "memory fit, pins and Modal's rules\n")
     checked = CliRunner().invoke(app, ["check", str(t4)])
     assert checked.exit_code == 1 and "error[gpu-memory]" in checked.stdout  # ... and check says it does not fit
+
+
+# ## check --resolve when the resolver cannot answer
+
+
+def test_check_resolve_with_the_index_unreachable_says_the_pins_were_not_checked():
+    """Not "the pins do not resolve, change them": nothing was resolved. (Without uv at all:
+    tests/test_core_install.py, in a venv that has none.)"""
+    unreachable = {"UV_INDEX_URL": "http://127.0.0.1:9/simple", "UV_HTTP_RETRIES": "0", "UV_NO_CACHE": "1"}
+    proc = cli_process("check", "--resolve", "deployments/qwen32b.toml", env_extra=unreachable)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 1, stdout + stderr
+    errors = [line for line in stdout.splitlines() if line.startswith("error")]
+    assert errors and all(line.startswith("error[resolve-unchecked]: ") for line in errors), stdout
+    assert all("the pins were not resolved: the package index could not be reached" in line for line in errors)
+    assert "do not resolve" not in stdout and "change the pins" not in stdout
