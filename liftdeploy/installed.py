@@ -19,9 +19,7 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
-__all__ = ["EXTRAS", "declared", "extra_of", "missing", "modal_client_problem"]
-
-EXTRAS = ("local", "bench", "dev")  # narrowest first
+__all__ = ["declared", "extra_of", "extras", "missing", "modal_client_problem"]
 
 
 def declared() -> list[Requirement]:
@@ -39,17 +37,26 @@ def declared() -> list[Requirement]:
     return out
 
 
+def extras() -> list[str]:
+    """liftdeploy's extras in pyproject's order, `dev` (everything for the tests) last."""
+    try:
+        provided = metadata.metadata("liftdeploy").get_all("Provides-Extra") or []
+    except metadata.PackageNotFoundError:
+        return []
+    return sorted(provided, key=lambda extra: extra == "dev")
+
+
 def _in_extra(req: Requirement, extra: str) -> bool:
     return req.marker is not None and req.marker.evaluate({"extra": extra}) and not req.marker.evaluate({"extra": ""})
 
 
 def extra_of(module: str) -> str | None:
-    """The extra that brings top-level module `module` (the narrowest), None for core or unknown."""
+    """The first extra that brings top-level module `module`, None for a core dependency or unknown."""
     name = canonicalize_name(module.split(".")[0])
     reqs = [r for r in declared() if canonicalize_name(r.name) == name]
     if any(r.marker is None or r.marker.evaluate({"extra": ""}) for r in reqs):
         return None  # a core dependency
-    return next((e for e in EXTRAS if any(_in_extra(r, e) for r in reqs)), None)
+    return next((e for e in extras() if any(_in_extra(r, e) for r in reqs)), None)
 
 
 def missing(extra: str) -> list[str]:
