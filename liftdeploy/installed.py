@@ -81,4 +81,5 @@ def modal_client_problem() -> tuple[str, str] | None:
         return None
     floor = min((Version(s.version) for s in spec if s.operator == ">="), default=None)
     why = " (older clients lack options it passes)" if floor and version < floor else ""
-    return f"the installed `modal` client is {version}; the rendered module needs `{wanted}`{why}", f"pip install '{wanted}'"
+    message = f"the installed `modal` client is {version}; the rendered module needs `{wanted}`{why}"
+    return message, f"pip install '{wanted}'"

@@ -87,7 +87,8 @@ def run(core: dict[str, Path], *args: str, cwd: Path, env: dict[str, str] | None
 
 
 def shown(proc: subprocess.CompletedProcess) -> str:
-    return f"{' '.join(map(str, proc.args))}\nexit {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+    command = " ".join(map(str, proc.args))
+    return f"{command}\nexit {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
 
 
 @pytest.fixture
@@ -112,7 +113,8 @@ def server():
 
 
 def test_the_core_install_has_no_extras(core):
-    probe = "import importlib.util, json, sys; print(json.dumps([m for m in sys.argv[1:] if importlib.util.find_spec(m)]))"
+    probe = ("import importlib.util, json, sys; "
+             "print(json.dumps([m for m in sys.argv[1:] if importlib.util.find_spec(m)]))")
     proc = subprocess.run([str(core["python"]), "-c", probe, *NOT_IN_CORE, "jsonschema", "modal", "liftdeploy"],
                           env=env_for(core), capture_output=True, text=True, check=True)
     assert json.loads(proc.stdout) == ["jsonschema", "modal", "liftdeploy"]

@@ -48,8 +48,9 @@ def test_serve_local_refuses_a_busy_port_before_loading_anything():
         proc = cli_process("serve", "--local", "deployments/qwen32b.toml", "--port", str(port))
         stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 1, stderr
-    assert stderr.splitlines() == [f"error: serve failed: port {port} on 127.0.0.1 is in use",
-                                   "hint: stop what listens there, or choose another port with --port N (0: any free port)"]
+    assert stderr.splitlines() == [
+        f"error: serve failed: port {port} on 127.0.0.1 is in use",
+        "hint: stop what listens there, or choose another port with --port N (0: any free one)"]
 
 
 def test_serve_local_started_with_sigint_ignored_stops_on_sigint():

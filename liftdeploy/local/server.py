@@ -145,8 +145,8 @@ def local_engine(loaded: Loaded, model_path: Path | None = None) -> Any:
 
     absent = missing("local")  # checked before anything loads: torch is imported only by engine.start()
     if absent:
-        raise StepError("serve", f"`serve --local` needs liftdeploy's `local` extra ({', '.join(absent)} not installed)",
-                        "pip install 'liftdeploy[local]'")
+        raise StepError("serve", f"`serve --local` needs liftdeploy's `local` extra "
+                                 f"({', '.join(absent)} not installed)", "pip install 'liftdeploy[local]'")
     from .engine import LocalEngine
 
     model = loaded.manifest.model
@@ -168,7 +168,7 @@ class LocalServer:
             busy = exc.errno == errno.EADDRINUSE
             raise StepError("serve", f"port {port} on 127.0.0.1 is in use" if busy
                             else f"cannot listen on 127.0.0.1:{port}: {exc.strerror}",
-                            "stop what listens there, or choose another port with --port N (0: any free port)") from None
+                            "stop what listens there, or choose another port with --port N (0: any free one)") from None
         self.port = self.socket.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=5)
