@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from . import catalog, compat, sizing
 from ._toml_lines import locate
 from .errors import Diagnostic, Severity
+from .installed import modal_client_problem
 from .manifest import Auth, Loaded
 
 Rule = Callable[[Loaded], Iterator[Diagnostic]]
@@ -128,3 +129,11 @@ def hygiene(loaded: Loaded) -> Iterator[Diagnostic]:
             yield warning(loaded, "public-endpoint", f"endpoints[{i}].auth",
                           f"`{ep.label}` serves the model to anyone with the URL",
                           'use `auth = "proxy"` (Modal-Key/Modal-Secret) or `auth = "bearer"`')
+
+
+@rule
+def modal_client(loaded: Loaded) -> Iterator[Diagnostic]:
+    """The installed modal client against the range liftdeploy declares: what the rendered module needs."""
+    problem = modal_client_problem()
+    if problem:
+        yield error(loaded, "modal-client", "", *problem)

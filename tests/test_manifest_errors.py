@@ -293,8 +293,9 @@ def test_base_manifest_is_valid(tmp_path: Path) -> None:
     path = tmp_path / "base.toml"
     path.write_text(dump_toml(base())[0])
     code, out, err = run_validate(path)
-    assert (code, err) == (0, "")
-    assert out == f"ok: {path} ((base), dev)\n"
+    assert (code, err) == (0, f"hint: validate reads the manifest's form; `liftdeploy check {path}` also checks GPU "
+                              "memory fit, pins and Modal's rules\n")
+    assert out == f"ok: {path} (base, dev)\n"
     loaded = load(path, "dev")
     assert loaded.manifest.app.name == "test-app-dev"
 

@@ -9,6 +9,7 @@ Auth is enforced here as on Modal: bearer tokens by the rendered app itself, pro
 
 from __future__ import annotations
 
+import errno
 import hmac
 import importlib.util
 import json
@@ -140,11 +141,14 @@ def build(loaded: Loaded, engine: Any, credentials: Credentials | None = None) -
 
 def local_engine(loaded: Loaded, model_path: Path | None = None) -> Any:
     """The CPU engine: a local Hugging Face model directory, or the built-in smoke model."""
-    try:
-        from .engine import LocalEngine
-    except ImportError as exc:
-        raise StepError("serve", f"the local engine needs extra packages ({exc.name} is missing)",
-                        "pip install 'liftdeploy[local]'") from None
+    from ..installed import missing
+
+    absent = missing("local")  # checked before anything loads: torch is imported only by engine.start()
+    if absent:
+        raise StepError("serve", f"`serve --local` needs liftdeploy's `local` extra "
+                                 f"({', '.join(absent)} not installed)", "pip install 'liftdeploy[local]'")
+    from .engine import LocalEngine
+
     model = loaded.manifest.model
     return LocalEngine(model_path, max_model_len=model.max_model_len or 4096, family=model.family)
 
@@ -157,7 +161,14 @@ class LocalServer:
 
         self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.socket.bind(("127.0.0.1", port))
+        try:
+            self.socket.bind(("127.0.0.1", port))  # a port something listens on is refused here, at once
+        except OSError as exc:
+            self.socket.close()
+            busy = exc.errno == errno.EADDRINUSE
+            raise StepError("serve", f"port {port} on 127.0.0.1 is in use" if busy
+                            else f"cannot listen on 127.0.0.1:{port}: {exc.strerror}",
+                            "stop what listens there, or choose another port with --port N (0: any free one)") from None
         self.port = self.socket.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=5)

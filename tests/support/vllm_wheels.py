@@ -10,7 +10,8 @@ pydantic, openai, ... -- see ``HOST_MODULES``).
 Only the Python-level API is exercised: ``vllm.sampling_params`` and ``vllm.engine.arg_utils``
 import on CPU; the engine itself (``LLM``, ``AsyncLLMEngine``) needs CUDA and is never started.
 
-Cache layout (root: ``$LIFTDEPLOY_TEST_CACHE`` or ``~/.cache/liftdeploy-tests``)::
+Cache layout, under the test suite's one cache folder (tests/support/cache.py: ``$LIFTDEPLOY_TEST_CACHE``
+or ``~/.cache/liftdeploy-tests``)::
 
     vllm-<version>/            the vllm wheel, installed with --no-deps
     vllm-deps/                 LIGHT_DEPS, shared by every version
@@ -18,25 +19,23 @@ Cache layout (root: ``$LIFTDEPLOY_TEST_CACHE`` or ``~/.cache/liftdeploy-tests``)
     pip/                       pip's own cache (PIP_CACHE_DIR, unless already set)
     .<dir>.lock                fcntl locks serialising installs of one directory
 
-Each install goes to a temporary sibling directory, gets a marker file, and is renamed into place
-atomically, so a directory with a marker is always complete; concurrent test processes wait on
-the lock and reuse the result.
+Each install gets a marker file written last (``tests.support.cache.cached``), so a directory with
+a marker is always complete; concurrent test processes wait on the lock and reuse the result.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+from tests.support.cache import CACHE_ENV, cache_root, cached
 
 __all__ = [
     "CACHE_ENV",
@@ -55,8 +54,6 @@ __all__ = [
     "vllm_site",
 ]
 
-CACHE_ENV = "LIFTDEPLOY_TEST_CACHE"
-MARKER = ".liftdeploy-complete"
 
 # Packages ``import vllm.sampling_params`` / ``import vllm.engine.arg_utils`` need that a dev venv
 # (torch CPU + transformers + the project's dev extras) usually lacks.  Installed with --no-deps:
@@ -149,30 +146,6 @@ def api_family(version: str) -> str:
     return "structured_outputs"
 
 
-def cache_root() -> Path:
-    root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "liftdeploy-tests")
-    path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    with open(path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def _read_marker(target: Path) -> Any:
-    try:
-        return json.loads((target / MARKER).read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def _pip_install(requirements: Sequence[str], target: Path, *, root: Path) -> None:
     env = dict(os.environ)
     env.setdefault("PIP_CACHE_DIR", str(root / "pip"))
@@ -193,30 +166,8 @@ def _pip_install(requirements: Sequence[str], target: Path, *, root: Path) -> No
 
 def _ensure_target(name: str, requirements: Sequence[str]) -> Path:
     """Install ``requirements`` (--no-deps) into ``<cache>/<name>`` once; return that path."""
-    root = cache_root()
-    target = root / name
     want = {"requirements": list(requirements), "python": f"{sys.version_info[0]}.{sys.version_info[1]}"}
-    if _read_marker(target) == want:
-        return target
-    with _locked(root / f".{name}.lock"):
-        if _read_marker(target) == want:  # somebody else finished while we waited
-            return target
-        for leftover in [*root.glob(f".{name}.tmp-*"), *root.glob(f".{name}.old-*")]:
-            shutil.rmtree(leftover, ignore_errors=True)  # from a killed install; we hold the lock
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
-        try:
-            _pip_install(requirements, tmp, root=root)
-            (tmp / MARKER).write_text(json.dumps(want))
-            tmp.chmod(0o755)  # mkdtemp makes it 0700
-            if target.exists():  # stale or incomplete: move aside, then delete
-                trash = Path(tempfile.mkdtemp(prefix=f".{name}.old-", dir=root))
-                target.rename(trash / "old")
-                shutil.rmtree(trash, ignore_errors=True)
-            tmp.rename(target)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return cached(name, want, lambda target: _pip_install(requirements, target, root=cache_root()))
 
 
 def vllm_site(version: str) -> Path:
