@@ -232,7 +232,8 @@ def launch_command() -> list[str]:
             "--host", "127.0.0.1", "--port", str(SGLANG_PORT)]
 
 
-def sampling_params(schema: dict[str, Any] | None, *, max_tokens: int, temperature: float, top_p: float) -> dict[str, Any]:
+def sampling_params(schema: dict[str, Any] | None, *, max_tokens: int, temperature: float,
+                    top_p: float) -> dict[str, Any]:
     """SGLang's sampling parameters for one request, constrained to `schema` when given."""
     params: dict[str, Any] = {"max_new_tokens": max_tokens, "temperature": temperature, "top_p": top_p}
     if schema is not None:
@@ -367,7 +368,8 @@ def create_app(kind: str, engine: Any = None, auth: str = "none"):
         # is not UTF-8 (sent as text/plain, say) gets replacement characters, NaN or Infinity (which
         # Python's JSON parser accepts, but JSON cannot carry) are echoed as strings, and an input too
         # deep for a recursive encoder is left out.
-        encoders = {bytes: lambda raw: raw.decode("utf-8", "replace"), float: lambda x: x if math.isfinite(x) else str(x)}
+        encoders = {bytes: lambda raw: raw.decode("utf-8", "replace"),
+                    float: lambda x: x if math.isfinite(x) else str(x)}
         try:
             return JSONResponse({"detail": jsonable_encoder(exc.errors(), custom_encoder=encoders)}, status_code=422)
         except RecursionError:  # an input nested too deep to echo: the errors without it

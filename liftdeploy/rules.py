@@ -62,7 +62,7 @@ def pins(loaded: Loaded) -> Iterator[Diagnostic]:
     for req in m.image.packages:
         name, _, version = req.partition("==")
         pinned.setdefault(name, version)
-    keys = {canonicalize_name(name.split("[")[0]): name for name in m.image.pins}
+    keys: dict[str, str] = {canonicalize_name(name.split("[")[0]): name for name in m.image.pins}
     for f in compat.engine_pin_findings(str(m.engine.kind), pinned, m.image.python):
         path = f"image.pins.{keys[f.package]}" if f.package in keys else "image.pins"
         if f.code.startswith("python"):

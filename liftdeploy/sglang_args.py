@@ -3,7 +3,8 @@ environment, and what SGLang has no equivalent for (refused, with a hint).
 
 | manifest | SGLang |
 |---|---|
-| `model.id`, `revision`, `dtype`, `max_model_len`, `quantization` | `--model-path`, `--revision`, `--dtype`, `--context-length`, `--quantization` |
+| `model.id`, `revision`, `dtype` | `--model-path`, `--revision`, `--dtype` |
+| `model.max_model_len`, `quantization` | `--context-length`, `--quantization` |
 | `model.tensor_parallel_size`, `trust_remote_code` | `--tp-size`, `--trust-remote-code` |
 | `model.gpu_memory_utilization` | `--mem-fraction-static` (weights and KV cache pool) |
 | `decoding.backend` | `--grammar-backend` (`guidance` is SGLang's `llguidance`) |

@@ -130,9 +130,10 @@ def test_module_imports_without_sglang_and_speaks_its_protocol() -> None:
          "sglang 0.4.1.post5 cannot release GPU memory before a snapshot", "snapshot = false"),
         ({"image": {"pins": {"vllm": "0.9.2"}}}, "`sglang` must be pinned (`engine.kind` is sglang)",
          'add `sglang = "0.5.4.post3"`'),
-        ({"image": {"pins": {"sglang": "0.5.4.post3", "vllm": "0.9.2"}}}, "`vllm` is pinned but `engine.kind` is sglang",
-         'kind = "vllm"'),
-        ({"image": {"pins": {"sglang": "0.3.6"}}}, "cannot be rendered: sglang 0.3.6 predates 0.4.0", "pin a sglang"),
+        ({"image": {"pins": {"sglang": "0.5.4.post3", "vllm": "0.9.2"}}},
+         "`vllm` is pinned but `engine.kind` is sglang", 'kind = "vllm"'),
+        ({"image": {"pins": {"sglang": "0.3.6"}}}, "cannot be rendered: sglang 0.3.6 predates 0.4.0",
+         "pin a sglang"),
         ({"engine": {"kind": "sglan"}}, "engine.kind", "did you mean `sglang`?"),
     ],
     ids=["auto", "llguidance-0.4.3", "snapshot-0.4.1", "no-sglang-pin", "both-engines", "too-old", "typo"],
@@ -186,7 +187,8 @@ def test_check_sizes_a_mixture_of_experts_by_all_its_parameters(tmp_path: Path) 
     data["compute"]["gpu"] = ["A10G", "A100-80GB"]
     result = cli("check", write(tmp_path, data))
     assert result.returncode == 1
-    assert "error[gpu-memory]" in result.stdout and "3.3B parameters are active per token, but all 30.5B stay" in result.stdout
+    assert "error[gpu-memory]" in result.stdout
+    assert "3.3B parameters are active per token, but all 30.5B stay" in result.stdout
     data = seeds()
     data["model"]["params_b"] = 3.3  # the active count: the memory check would pass an A10G
     result = cli("check", write(tmp_path, data, "active.toml"))

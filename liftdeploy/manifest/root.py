@@ -80,8 +80,9 @@ class Manifest(Section):
         version = self.image.pin(str(kind))
         example = {EngineKind.vllm: "0.9.2", EngineKind.sglang: "0.5.4.post3"}[kind]
         if version is None:
-            raise invalid(f"`{kind}` must be pinned" + (" (`engine.kind` is sglang)" if kind is EngineKind.sglang else ""),
-                          f'add `{kind} = "{example}"` (or the release you test with)', ("image", "pins"))
+            why = " (`engine.kind` is sglang)" if kind is EngineKind.sglang else ""
+            raise invalid(f"`{kind}` must be pinned{why}", f'add `{kind} = "{example}"` (or the release you test with)',
+                          ("image", "pins"))
         if self.image.pin(str(other)) is not None:
             raise invalid(f"`{other}` is pinned but `engine.kind` is {kind}",
                           f'set `[engine] kind = "{other}"`, or drop the `{other}` pin', ("image", "pins"))
