@@ -368,8 +368,10 @@ def create_app(kind: str, engine: Any = None, auth: str = "none"):
         # is not UTF-8 (sent as text/plain, say) gets replacement characters, NaN or Infinity (which
         # Python's JSON parser accepts, but JSON cannot carry) are echoed as strings, and an input too
         # deep for a recursive encoder is left out.
-        encoders = {bytes: lambda raw: raw.decode("utf-8", "replace"),
-                    float: lambda x: x if math.isfinite(x) else str(x)}
+        encoders = {
+            bytes: lambda raw: raw.decode("utf-8", "replace"),
+            float: lambda x: x if math.isfinite(x) else str(x),
+        }
         try:
             return JSONResponse({"detail": jsonable_encoder(exc.errors(), custom_encoder=encoders)}, status_code=422)
         except RecursionError:  # an input nested too deep to echo: the errors without it
