@@ -155,7 +155,7 @@ def image_env_sglang(m: Manifest) -> dict[str, str]:
     env = {"HF_HOME": m.volumes.weights.mount} if m.volumes.weights else {}
     if m.cold_start.fast_download:
         env["HF_XET_HIGH_PERFORMANCE"] = "1"
-    env["SGLANG_GRAMMAR_TIMEOUT"] = str(m.decoding.schema_compile_timeout)  # seconds a grammar may compile
+    env.update(sglang_args.grammar_env(m))
     env.update(sglang_args.cache_env(m))
     env.update(m.image.env)
     return env

@@ -9,10 +9,11 @@ environment, and what SGLang has no equivalent for (refused, with a hint).
 | `model.gpu_memory_utilization` | `--mem-fraction-static` (weights and KV cache pool) |
 | `decoding.backend` | `--grammar-backend` (`guidance` is SGLang's `llguidance`) |
 | `decoding.whitespace = "compact"` | `--constrained-json-disable-any-whitespace` (0.5.3.post2 and later) |
-| `concurrency.max_inputs` | `--max-running-requests` and `--cuda-graph-max-bs` (as Modal's SGLang examples) |
+| `concurrency.max_inputs` | `--max-running-requests`, `--cuda-graph-max-bs` (`-decode` from 0.5.14) |
 | `cold_start.fast_boot` | `--disable-cuda-graph` |
 | `cold_start.snapshot` | `--enable-memory-saver` (+ `--enable-weights-cpu-backup`), released before the snapshot |
 | `cold_start.compile_cache` | the JIT caches (flashinfer, DeepGEMM, Triton, torch.compile) on the volume |
+| `decoding.schema_compile_timeout` | `SGLANG_GRAMMAR_TIMEOUT` (0.4.6.post4 to 0.5.7) |
 
 Imports nothing heavy: validation uses it.
 """
@@ -74,6 +75,10 @@ def refusals(m: Manifest) -> list[tuple[tuple[str, ...], str, str]]:
                     f"(`--constrained-json-disable-any-whitespace` came in "
                     f"{compat_sglang.FEATURES['disable-any-whitespace'].since})",
                     'pin sglang>=0.5.3.post2, or set `whitespace = "any"`'))
+    if "schema_compile_timeout" in m.decoding.model_fields_set and not compat_sglang.supports(v, "grammar-timeout-env"):
+        out.append((("decoding", "schema_compile_timeout"), f"sglang {v} takes no grammar compile timeout "
+                    "(`SGLANG_GRAMMAR_TIMEOUT` is read by 0.4.6.post4 to 0.5.7 only)",
+                    "remove `schema_compile_timeout` (SGLang's own limit applies), or pin a release that reads it"))
     if m.cold_start.snapshot and not compat_sglang.supports(v, "memory-saver"):
         out.append((("cold_start", "snapshot"), f"sglang {v} cannot release GPU memory before a snapshot "
                     f"(`--enable-memory-saver` came in {compat_sglang.FEATURES['memory-saver'].since})",
@@ -103,12 +108,21 @@ def server_args(m: Manifest) -> list[str]:
     if m.cold_start.fast_boot:
         args.append("--disable-cuda-graph")  # no CUDA graph capture: faster start, slower tokens
     else:
-        args += ["--cuda-graph-max-bs", str(m.concurrency.max_inputs)]  # graphs only for batches we admit
+        graphs = "--cuda-graph-max-bs-decode" if compat_sglang.supports(v, "cuda-graph-max-bs-decode") else \
+            "--cuda-graph-max-bs"
+        args += [graphs, str(m.concurrency.max_inputs)]  # graphs only for the batches we admit
     if m.cold_start.snapshot:
         args.append("--enable-memory-saver")
         if compat_sglang.supports(v, "weights-cpu-backup"):
             args.append("--enable-weights-cpu-backup")
     return args
+
+
+def grammar_env(m: Manifest) -> dict[str, str]:
+    """`decoding.schema_compile_timeout` as the release's scheduler reads it, where it does."""
+    if not compat_sglang.supports(version(m), "grammar-timeout-env"):
+        return {}
+    return {"SGLANG_GRAMMAR_TIMEOUT": str(m.decoding.schema_compile_timeout)}  # seconds a grammar may compile
 
 
 def cache_env(m: Manifest) -> dict[str, Any]:

@@ -99,6 +99,12 @@ def test_caches_and_grammar_timeout_reach_the_image() -> None:
     assert env["SGLANG_GRAMMAR_TIMEOUT"] == "10.0" and env["HF_HOME"] == "/models"
 
 
+def test_grammar_timeout_only_where_sglang_reads_it(tmp_path: Path) -> None:
+    data = seeds()
+    data["image"]["pins"] = {"sglang[all]": "0.5.9"}  # polls instead: the default is not refused, not set
+    assert "SGLANG_GRAMMAR_TIMEOUT" not in rendering.image_env(load(write(tmp_path, data)).manifest)
+
+
 def test_module_imports_without_sglang_and_speaks_its_protocol() -> None:
     """The module imports where no sglang is installed (it runs SGLang as a process), and its
     helpers build what SGLang's /generate takes and read what it answers."""
@@ -135,8 +141,12 @@ def test_module_imports_without_sglang_and_speaks_its_protocol() -> None:
         ({"image": {"pins": {"sglang": "0.3.6"}}}, "cannot be rendered: sglang 0.3.6 predates 0.4.0",
          "pin a sglang"),
         ({"engine": {"kind": "sglan"}}, "engine.kind", "did you mean `sglang`?"),
+        ({"decoding": {"backend": "guidance", "schema_compile_timeout": 5.0},
+          "image": {"pins": {"sglang[all]": "0.5.9"}}},
+         "sglang 0.5.9 takes no grammar compile timeout", "remove `schema_compile_timeout`"),
     ],
-    ids=["auto", "llguidance-0.4.3", "snapshot-0.4.1", "no-sglang-pin", "both-engines", "too-old", "typo"],
+    ids=["auto", "llguidance-0.4.3", "snapshot-0.4.1", "no-sglang-pin", "both-engines", "too-old", "typo",
+         "compile-timeout-0.5.9"],
 )
 def test_refused_with_error_and_hint(tmp_path: Path, changes: dict[str, Any], message: str, hint: str) -> None:
     data = seeds()
