@@ -303,6 +303,10 @@ def serve(
     engine = local_engine(loaded, model_path)  # names the extra to install when a package is missing
     router = build(loaded, engine)
     server = LocalServer(router, port=port, log_level="info")  # takes the port now, before the model loads
+    if str(loaded.manifest.engine.kind) == "sglang":
+        typer.echo(f"engine: transformers + XGrammar on this CPU stand in for SGLang {loaded.manifest.engine_version} "
+                   "(SGLang's server needs a CUDA GPU); the endpoints, validation and auth are the module's own",
+                   err=True)
     typer.echo(f"loading {'the smoke model' if model_path is None else model_path} on the CPU ...", err=True)
     engine.start()
     try:  # Ctrl-C (or SIGINT) from here on stops the server; it is how `serve --local` ends

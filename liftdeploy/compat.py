@@ -31,6 +31,7 @@ __all__ = [
     "api_family",
     "best_version",
     "conflicts",
+    "engine_pin_findings",
     "known_versions",
     "newest",
     "pin_findings",
@@ -198,6 +199,15 @@ def _xgrammar_backend(record: dict[str, Any], pins: Pins) -> list[Finding]:
             severity="warning",
         )
     ]
+
+
+def engine_pin_findings(engine: str, pins: dict[str, str], python_version: str) -> list[Finding]:
+    """The pin checks of the manifest's engine (`vllm` or `sglang`); pin names may carry extras."""
+    if engine == "sglang":
+        from .compat_sglang import pin_findings as sglang_pin_findings
+
+        return sglang_pin_findings(pins, python_version)
+    return pin_findings(pins, python_version)
 
 
 def pin_findings(pins: dict[str, str], python_version: str) -> list[Finding]:

@@ -18,6 +18,7 @@ EXAMPLES = [
     (DEPLOYMENTS / "qwen32b.toml", "dev"),
     (DEPLOYMENTS / "qwen3-8b.toml", None),
     (DEPLOYMENTS / "qwen3-8b.toml", "prod"),
+    (DEPLOYMENTS / "qwen3-coder-30b.toml", None),
 ]
 
 

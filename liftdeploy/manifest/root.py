@@ -7,9 +7,10 @@ from typing import Any
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from .. import sizing
+from .. import compat_sglang, sglang_args, sizing
+from ..compat import api_family
 from ._base import LABEL, Section, invalid
-from .image import ImageSection, VolumesSection
+from .image import EngineKind, EngineSection, ImageSection, VolumesSection
 from .serving import (
     Auth,
     ColdStartSection,
@@ -31,6 +32,7 @@ class Manifest(Section):
     model_config = ConfigDict(extra="forbid", frozen=True, title="liftdeploy manifest")
 
     app: AppSection
+    engine: EngineSection = EngineSection()
     model: ModelSection
     compute: ComputeSection
     image: ImageSection
@@ -70,6 +72,31 @@ class Manifest(Section):
         return env
 
     @model_validator(mode="after")
+    def _engine_pinned(self) -> Manifest:
+        """The engine's package is pinned (the renderer picks its API by release), the other one is not,
+        and every setting maps onto the pinned engine."""
+        kind = self.engine.kind
+        other = EngineKind.sglang if kind is EngineKind.vllm else EngineKind.vllm
+        version = self.image.pin(str(kind))
+        example = {EngineKind.vllm: "0.9.2", EngineKind.sglang: "0.5.4.post3"}[kind]
+        if version is None:
+            why = " (`engine.kind` is sglang)" if kind is EngineKind.sglang else ""
+            raise invalid(f"`{kind}` must be pinned{why}", f'add `{kind} = "{example}"` (or the release you test with)',
+                          ("image", "pins"))
+        if self.image.pin(str(other)) is not None:
+            raise invalid(f"`{other}` is pinned but `engine.kind` is {kind}",
+                          f'set `[engine] kind = "{other}"`, or drop the `{other}` pin', ("image", "pins"))
+        try:  # the renderer picks the structured-output API by release
+            api_family(version) if kind is EngineKind.vllm else compat_sglang.era(version)
+        except ValueError as exc:  # packaging's InvalidVersion is a ValueError
+            raise invalid(f"`{kind} = \"{version}\"` cannot be rendered: {exc}",
+                          f'pin a {kind} release, e.g. `{kind} = "{example}"`', ("image", "pins", str(kind))) from None
+        if kind is EngineKind.sglang:
+            for at, message, hint in sglang_args.refusals(self):
+                raise invalid(message, hint, at)
+        return self
+
+    @model_validator(mode="after")
     def _across_sections(self) -> Manifest:
         bearer = [(i, ep.label) for i, ep in enumerate(self.endpoints) if ep.auth is Auth.bearer]
         if bearer and not self.secrets.bearer:
@@ -91,6 +118,13 @@ class Manifest(Section):
         return self
 
     # ## Derived values used by checks, plan and render
+
+    @property
+    def engine_version(self) -> str:
+        """The pinned release of the engine (`engine.kind`)."""
+        version = self.image.pin(str(self.engine.kind))
+        assert version is not None  # validated
+        return version
 
     @cached_property
     def gpus(self) -> tuple[GpuSpec, ...]:

@@ -1,4 +1,4 @@
-"""Real vLLM wheels for contract tests, on a machine with no GPU.
+"""Real engine wheels (vLLM, and SGLang below) for contract tests, on a machine with no GPU.
 
 vLLM renamed its structured-output API across releases, so the engine code that liftdeploy renders
 depends on the pinned vLLM version.  This module installs the *real* ``vllm`` wheel of a given
@@ -14,7 +14,9 @@ Cache layout, under the test suite's one cache folder (tests/support/cache.py: `
 or ``~/.cache/liftdeploy-tests``)::
 
     vllm-<version>/            the vllm wheel, installed with --no-deps
-    vllm-deps/                 LIGHT_DEPS, shared by every version
+    vllm-deps/                 LIGHT_DEPS, shared by every version (sglang's too)
+    sglang-<version>/          the sglang wheel, installed with --no-deps
+    sglang-deps/               SGLANG_LIGHT_DEPS
     overlay-<name>/            per-version overlays (e.g. transformers 4.x for vllm < 0.10)
     pip/                       pip's own cache (PIP_CACHE_DIR, unless already set)
     .<dir>.lock                fcntl locks serialising installs of one directory
@@ -48,9 +50,13 @@ __all__ = [
     "deps_site",
     "overlay_site",
     "prefetch",
+    "run_on_path",
+    "run_with_sglang",
     "run_with_vllm",
     "sampling_params_probe",
     "search_path",
+    "sglang_search_path",
+    "sglang_site",
     "vllm_site",
 ]
 
@@ -222,7 +228,20 @@ def run_with_vllm(
     Raises :class:`VllmRunError` (with the subprocess's stderr) on a non-zero exit, a timeout or
     a last line that is not a JSON object.
     """
-    paths = [str(p) for p in search_path(version, extra_paths)]
+    return run_on_path(f"vllm {version}", search_path(version, extra_paths), code, timeout=timeout, env=env)
+
+
+def run_on_path(
+    label: str,
+    search: Iterable[str | os.PathLike[str]],
+    code: str,
+    *,
+    timeout: float = 120,
+    env: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Run ``code`` in ``sys.executable`` with ``search`` first on ``PYTHONPATH`` (what every
+    engine's runner shares); the last stdout line is the JSON object returned."""
+    paths = [str(p) for p in search]
     run_env = dict(os.environ)
     inherited = run_env.get("PYTHONPATH")
     if inherited:
@@ -243,10 +262,10 @@ def run_with_vllm(
         )
     except subprocess.TimeoutExpired as exc:
         stderr = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr
-        raise VllmRunError(f"vllm {version}: snippet timed out after {timeout}s\n{(stderr or '')[-6000:]}") from exc
+        raise VllmRunError(f"{label}: snippet timed out after {timeout}s\n{(stderr or '')[-6000:]}") from exc
     if proc.returncode != 0:
         raise VllmRunError(
-            f"vllm {version}: snippet exited with rc={proc.returncode}\n"
+            f"{label}: snippet exited with rc={proc.returncode}\n"
             f"--- stderr ---\n{proc.stderr[-8000:]}\n--- stdout ---\n{proc.stdout[-2000:]}"
         )
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
@@ -256,10 +275,55 @@ def run_with_vllm(
         result = None
     if not isinstance(result, dict):
         raise VllmRunError(
-            f"vllm {version}: last stdout line is not a JSON object\n"
+            f"{label}: last stdout line is not a JSON object\n"
             f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-4000:]}"
         )
     return result
+
+
+# ## SGLang: the same machinery for the second engine
+# sglang's wheels (pure Python up to 0.5.9, then CPython-specific with Rust extensions) are installed
+# --no-deps like vllm's. Its server-argument parser, sampling parameters, request and finish-reason
+# classes import on CPU; its CUDA kernels (sgl-kernel) never load here.
+
+SGLANG_LIGHT_DEPS: tuple[str, ...] = (
+    # what `import sglang.srt.server_args` and `...managers.io_struct` need beyond LIGHT_DEPS and the
+    # host (checked against sglang 0.4.1.post7, 0.4.6.post5, 0.5.3.post1, 0.5.4.post3 and 0.5.23)
+    "ipython==9.18.1", "traitlets==5.16.1", "jedi==0.20.1", "parso==0.8.7", "pexpect==4.9.0",
+    "ptyprocess==0.7.0", "prompt_toolkit==3.0.53", "wcwidth==0.9.4", "stack_data==0.6.3", "asttokens==3.0.2",
+    "executing==2.3.0", "pure_eval==0.2.4", "matplotlib-inline==0.2.2", "ipython-pygments-lexers==1.1.1",
+    "orjson==3.13.0", "partial-json-parser==0.2.1.1.post7", "dill==0.4.1", "sentencepiece==0.2.3",
+    "compressed-tensors==0.20.1", "loguru==0.7.3", "einops==0.8.2",
+)  # fmt: skip
+
+# sglang < 0.5 imports `triton.runtime.cache.default_cache_dir` (gone from the host's triton) and
+# vllm's model-loading code; it was built for torch 2.5/2.6, triton 3.2 and transformers 4.x.
+SGLANG_LEGACY: tuple[str, ...] = ("triton==3.2.0",)
+SGLANG_LEGACY_VLLM = "0.6.5"
+
+
+def sglang_site(version: str) -> Path:
+    """Directory holding the real ``sglang==version`` wheel (installed with --no-deps)."""
+    return _ensure_target(f"sglang-{version}", [f"sglang=={version}"])
+
+
+def sglang_search_path(version: str) -> list[Path]:
+    """The PYTHONPATH entries for sglang ``version``, installing whatever is missing."""
+    paths: list[Path] = []
+    if _vtuple(version) < (0, 5):
+        paths += [_ensure_target("overlay-transformers4", list(LEGACY_TRANSFORMERS)),
+                  _ensure_target("overlay-sglang04", list(SGLANG_LEGACY))]
+    paths += [sglang_site(version), _ensure_target("sglang-deps", list(SGLANG_LIGHT_DEPS)), deps_site()]
+    if _vtuple(version) < (0, 5):
+        paths.append(vllm_site(SGLANG_LEGACY_VLLM))
+    return paths
+
+
+def run_with_sglang(version: str, code: str, *, timeout: float = 300,
+                    env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Like :func:`run_with_vllm`, with the real sglang ``version`` importable."""
+    return run_on_path(f"sglang {version}", sglang_search_path(version), code, timeout=timeout,
+                       env={"HF_HUB_OFFLINE": "1", **(env or {})})
 
 
 _PROBE = r"""
