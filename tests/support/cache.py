@@ -1,8 +1,10 @@
 """The test suite's one cache folder: `$LIFTDEPLOY_TEST_CACHE`, by default `~/.cache/liftdeploy-tests`.
 
-Everything the tests download or build once and reuse lives under it, about 4 GB after a full run:
+Everything the tests download or build once and reuse lives under it, about 5.5 GB after a full run:
 
     vllm-<version>/, vllm-deps/, overlay-*/, pip/   real vLLM wheels (tests/support/vllm_wheels.py)
+    sglang-<version>/, sglang-deps/                real SGLang wheels (the same module; overlay-sglang04
+                                                   holds the triton 0.4.x releases import)
     liftdeploy/smoke-models/                       the smoke model: tests/conftest.py points
                                                    LIFTDEPLOY_CACHE here for the whole session
     core-venv-<key>/                               a venv with only `pip install liftdeploy`
