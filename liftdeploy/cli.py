@@ -234,11 +234,14 @@ TargetArg = Annotated[str, typer.Argument(help="A manifest (URLs derived) or a b
 def serve(
     file: FileArg,
     env: EnvOption = None,
-    local: Annotated[bool, typer.Option("--local", help="Serve on this machine with the CPU engine instead of `modal serve`.")] = False,
+    local: Annotated[bool, typer.Option("--local", help="Serve on this machine instead of `modal serve`.")] = False,
+    engine: Annotated[str, typer.Option("--engine", help="With --local: `transformers` (a fast CPU stand-in) or "
+                                        "`vllm` (the module's own vLLM engine, on vLLM's CPU build).")] = "transformers",
     port: Annotated[int, typer.Option("--port", "-p", help="Local port.")] = 8000,
     model_path: Annotated[Path | None, typer.Option("--model-path", help="A local Hugging Face model directory; default: the built-in smoke model.")] = None,
 ) -> None:
     """Serve the app: `modal serve` with hot reload, or `--local` on 127.0.0.1 with a CPU engine."""
+    from .errors import UsageError
     from .manifest import load
 
     loaded = load(file, env)
@@ -246,26 +249,33 @@ def serve(
         from .deploy import modal_serve
 
         raise typer.Exit(modal_serve(loaded))
-    from .local.server import LocalServer, build, local_engine
+    from .local.server import ENGINES, LocalServer, build, import_rendered, local_engine
 
-    engine = local_engine(loaded, model_path)
-    typer.echo(f"loading {'the smoke model' if model_path is None else model_path} on the CPU ...", err=True)
-    engine.start()
-    router = build(loaded, engine)
-    with LocalServer(router, port=port, log_level="info") as server:
-        typer.echo(f"serving {loaded.label} at {server.url} (model: {engine.name})", err=True)
-        for ep in router.index.values():
-            typer.echo(f"  {ep['kind']:<9} {server.url}{ep['path']}  auth={ep['auth']}", err=True)
-        creds = router.credentials
-        if creds.token:
-            typer.echo(f"  export LIFTDEPLOY_API_TOKEN={creds.token}", err=True)
-        if creds.proxy_key:
-            typer.echo(f"  export LIFTDEPLOY_PROXY_KEY={creds.proxy_key} LIFTDEPLOY_PROXY_SECRET={creds.proxy_secret}",
-                       err=True)
-        try:
-            server.thread.join()
-        except KeyboardInterrupt:
-            typer.echo("stopping", err=True)
+    if engine not in ENGINES:
+        raise UsageError(f"unknown engine `{engine}`", f"use one of: {', '.join(ENGINES)}")
+    module = import_rendered(loaded)
+    served = local_engine(loaded, module, engine, model_path)
+    what = "the smoke model" if model_path is None else str(model_path)
+    typer.echo(f"loading {what} on the CPU with the {engine} engine ...", err=True)
+    served.start()
+    try:
+        router = build(loaded, served, module=module)
+        with LocalServer(router, port=port, log_level="info") as server:
+            typer.echo(f"serving {loaded.label} at {server.url} (model: {served.name}, engine: {engine})", err=True)
+            for ep in router.index.values():
+                typer.echo(f"  {ep['kind']:<9} {server.url}{ep['path']}  auth={ep['auth']}", err=True)
+            creds = router.credentials
+            if creds.token:
+                typer.echo(f"  export LIFTDEPLOY_API_TOKEN={creds.token}", err=True)
+            if creds.proxy_key:
+                typer.echo(f"  export LIFTDEPLOY_PROXY_KEY={creds.proxy_key} LIFTDEPLOY_PROXY_SECRET={creds.proxy_secret}",
+                           err=True)
+            try:
+                server.thread.join()
+            except KeyboardInterrupt:
+                typer.echo("stopping", err=True)
+    finally:
+        served.stop()
 
 
 @app.command()

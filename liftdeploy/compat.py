@@ -46,6 +46,9 @@ __all__ = [
 ]
 
 XGRAMMAR_SINCE = Version("0.6.5")
+# From 0.9 the V1 engine compiles grammars with one backend class per engine (xgrammar or guidance),
+# behind request validators the rendered pre-check calls (vllm/v1/structured_output/).
+V1_STRUCTURED_OUTPUT_SINCE = Version("0.9.0")
 """First vLLM release with the xgrammar guided-decoding backend (its wheels ship
 ``vllm/model_executor/guided_decoding/xgrammar_decoding.py`` from 0.6.5 on)."""
 
@@ -249,6 +252,19 @@ def supports_xgrammar(vllm_version: str) -> bool:
     if v is None:
         raise ValueError(f"not a version: {vllm_version!r}")
     return v >= XGRAMMAR_SINCE
+
+
+def v1_structured_output(vllm_version: str) -> bool:
+    """Whether this vLLM has the V1 structured-output backends (guidance, whitespace control)."""
+    v = _version(vllm_version)
+    if v is None:
+        raise ValueError(f"not a version: {vllm_version!r}")
+    return v >= V1_STRUCTURED_OUTPUT_SINCE
+
+
+def default_backend(vllm_version: str) -> str:
+    """guidance where the pinned vLLM has it: it compiles bounded strings correctly (see README)."""
+    return "guidance" if v1_structured_output(vllm_version) else "xgrammar"
 
 
 def known_versions(package: str) -> list[str]:

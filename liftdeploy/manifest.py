@@ -509,8 +509,17 @@ class ColdStartSection(Section):
 
 
 class DecodingSection(Section):
-    backend: Literal["xgrammar", "outlines", "guidance", "auto"] = Field(
-        "xgrammar", description="Structured-output backend inside vLLM."
+    backend: Literal["guidance", "xgrammar"] | None = Field(
+        None, description="Structured-output backend inside vLLM; default: guidance where the pinned vLLM "
+        "has it (0.9 and later), else xgrammar.",
+    )
+    retries_on_invalid: int = Field(
+        2, ge=0, le=5, description="Times `generate` samples again when a finished output breaks its schema: "
+        "for keywords the backend cannot enforce (e.g. `dependencies`, `not`); each attempt's tokens count.",
+    )
+    whitespace: Literal["compact", "any"] = Field(
+        "compact", description="`compact`: no free whitespace between JSON tokens (fewer tokens, needs vLLM 0.9 "
+        "or later); `any`: the backend's default, which lets the model spend tokens on whitespace.",
     )
     max_tokens: int = Field(2048, ge=1, description="Default `max_tokens` of a request.")
     max_tokens_limit: int = Field(8192, ge=1, description="Largest `max_tokens` a request may ask for.")
@@ -679,6 +688,13 @@ class Manifest(Section):
         return self
 
     # ## Derived values used by checks, plan and render
+
+    @property
+    def backend(self) -> str:
+        """The structured-output backend the engine runs: the manifest's, or the pinned vLLM's default."""
+        from .compat import default_backend
+
+        return self.decoding.backend or default_backend(self.image.vllm)
 
     @property
     def generates(self) -> bool:

