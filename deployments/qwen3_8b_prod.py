@@ -303,7 +303,7 @@ def each_subschema(schema: Any, rewrite: Any) -> Any:
 def xgrammar_safe(schema: dict[str, Any]) -> dict[str, Any]:
     """`schema` with each length-bounded string rewritten as an equivalent `pattern`, for XGrammar.
 
-    XGrammar (every release checked, 0.1.25 to 0.2.9) compiles `minLength`/`maxLength` strings to
+    XGrammar (every release checked, 0.1.19 to 0.2.9) compiles `minLength`/`maxLength` strings to
     `[^"\\\r\n]{m,n}`, which lets raw control characters through: invalid JSON
     (https://github.com/mlc-ai/xgrammar/issues/800). The pattern admits the same lengths without
     them; like XGrammar's own rule, it has no escapes. Strings with a `pattern` or `format` are left

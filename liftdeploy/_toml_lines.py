@@ -29,7 +29,7 @@ def _index(text: str) -> dict[tuple[Any, ...], int]:
     for number, line in enumerate(text.splitlines(), start=1):
         header = _HEADER.match(line)
         if header and not _KEY.match(line):
-            path = _split(header.group(2))
+            path: tuple[Any, ...] = _split(header.group(2))
             if header.group(1) == "[[":
                 arrays[path] = arrays.get(path, -1) + 1
                 lines.setdefault(path, number)

@@ -75,17 +75,20 @@ def validate(
     env: EnvOption = None,
 ) -> None:
     """Validate manifests (and all their env overlays). Exit 0 valid, 2 invalid."""
-    from .manifest import load
+    from .manifest import load, load_targets
 
     problems = []
     for file in files:
         try:
-            loaded = load(file, env)
+            if env:
+                load(file, env)
+                names = [env]
+            else:
+                names = ["(base)", *(str(loaded.env) for loaded in load_targets(file).envs)]
         except ManifestError as error:
             problems.extend(error.problems)
             continue
-        envs = [env] if env else ["(base)", *loaded.manifest.env]
-        typer.echo(f"ok: {file} ({', '.join(envs)})")
+        typer.echo(f"ok: {file} ({', '.join(names)})")
     if problems:
         raise ManifestError(problems)
 
@@ -95,8 +98,12 @@ def validate(
 def render(
     file: FileArg,
     env: EnvOption = None,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Directory for the module; default: beside the manifest.")] = None,
-    check: Annotated[bool, typer.Option("--check", help="Write nothing; exit 1 if the file on disk differs from a fresh render.")] = False,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Directory for the module; default: beside the manifest.")
+    ] = None,
+    check: Annotated[
+        bool, typer.Option("--check", help="Write nothing; exit 1 if the file on disk differs from a fresh render.")
+    ] = False,
     stdout: Annotated[bool, typer.Option("--stdout", help="Print the module instead of writing it.")] = False,
 ) -> None:
     """Render a manifest into a Modal app module."""
@@ -141,12 +148,24 @@ def schema(
 @app.command()
 @reports_errors
 def check(
-    paths: Annotated[list[Path] | None, typer.Argument(help="Manifest files or folders; default: deployments/.", metavar="[PATH...]", show_default=False)] = None,
+    paths: Annotated[
+        list[Path] | None,
+        typer.Argument(
+            help="Manifest files or folders; default: deployments/.", metavar="[PATH...]", show_default=False,
+        ),
+    ] = None,
     fmt: Annotated[str, typer.Option("--format", "-f", help="text, json or github (workflow annotations).")] = "text",
-    resolve: Annotated[bool, typer.Option("--resolve", help="Also resolve each pin set for linux x86_64 with uv (needs the package index).")] = False,
+    resolve: Annotated[
+        bool,
+        typer.Option(
+            "--resolve", help="Also resolve each pin set for linux x86_64 with uv (needs the package index).",
+        ),
+    ] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Fail on warnings too.")] = False,
 ) -> None:
-    """The PR check: pins, API family, GPU memory fit, Modal rules, hygiene, drift. Exit 0 clean, 1 findings, 2 invalid."""
+    """The PR check: pins, API family, GPU memory fit, Modal rules, hygiene, drift.
+
+    Exit 0 clean, 1 findings, 2 invalid."""
     from .checks import check as run_checks
     from .errors import UsageError
 
@@ -175,21 +194,22 @@ def apply(
     file: FileArg,
     env: EnvOption = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
-    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Warm up and smoke-test after deploying.")] = True,
+    verify: Annotated[
+        bool, typer.Option("--verify/--no-verify", help="Warm up and smoke-test after deploying.")
+    ] = True,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for the model to load.")] = 600.0,
 ) -> None:
     """check → render → deploy → record state → warm-up → smoke test."""
     from . import deploy as deploying
-    from .checks import check as run_checks
+    from .checks import diagnose
     from .errors import StepError
     from .manifest import load
-    from .plan import describe, settings
+    from .plan import describe
 
     loaded = load(file, env)
-    report = run_checks([file], drift_check=False)
-    errors = [f for f in report.invalid + report.findings if f.severity == "error" and f.env == env]
+    errors = [d for d in diagnose(loaded, drift_check=False) if d.severity == "error"]
     if errors:
-        typer.echo("\n".join(f.text() for f in errors), err=True)
+        typer.echo("\n".join(d.render() for d in errors), err=True)
         raise StepError("check", f"{len(errors)} error(s); nothing was deployed", "fix them, then re-run apply")
     typer.echo(describe(loaded))
     try:
@@ -200,7 +220,7 @@ def apply(
         typer.echo("cancelled; nothing was deployed")
         raise typer.Exit(1)
     steps = deploying.apply(
-        loaded, settings=settings(loaded), verify=verify, warmup_timeout=timeout,
+        loaded, verify=verify, warmup_timeout=timeout,
         on_step=lambda step: typer.echo(f"✓ {step.name} ({step.seconds:.1f} s) {step.detail}"),
         progress=lambda elapsed, last: typer.echo(f"  … warming up, {elapsed:.0f} s ({last})", err=True),
     )
@@ -235,10 +255,18 @@ def serve(
     file: FileArg,
     env: EnvOption = None,
     local: Annotated[bool, typer.Option("--local", help="Serve on this machine instead of `modal serve`.")] = False,
-    engine: Annotated[str, typer.Option("--engine", help="With --local: `transformers` (a fast CPU stand-in) or "
-                                        "`vllm` (the module's own vLLM engine, on vLLM's CPU build).")] = "transformers",
+    engine: Annotated[
+        str,
+        typer.Option("--engine", help="With --local: `transformers` (a fast CPU stand-in) or `vllm` (the "
+                     "module's own vLLM engine, on vLLM's CPU build)."),
+    ] = "transformers",
     port: Annotated[int, typer.Option("--port", "-p", help="Local port.")] = 8000,
-    model_path: Annotated[Path | None, typer.Option("--model-path", help="A local Hugging Face model directory; default: the built-in smoke model.")] = None,
+    model_path: Annotated[
+        Path | None,
+        typer.Option(
+            "--model-path", help="A local Hugging Face model directory; default: the built-in smoke model.",
+        ),
+    ] = None,
 ) -> None:
     """Serve the app: `modal serve` with hot reload, or `--local` on 127.0.0.1 with a CPU engine."""
     from .errors import UsageError
@@ -318,10 +346,14 @@ def smoke(target: TargetArg, env: EnvOption = None,
 def bench(
     target: TargetArg,
     env: EnvOption = None,
-    concurrency: Annotated[str, typer.Option("--concurrency", "-c", help="Comma-separated concurrency levels.")] = "1,2,4,8",
+    concurrency: Annotated[
+        str, typer.Option("--concurrency", "-c", help="Comma-separated concurrency levels.")
+    ] = "1,2,4,8",
     requests: Annotated[int, typer.Option("--requests", "-n", help="Requests per level (at least the level).")] = 16,
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="max_tokens of each request.")] = 64,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for bench.json and bench.png.")] = Path("bench-results"),
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Folder for bench.json and bench.png.")
+    ] = Path("bench-results"),
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to allow a cold start.")] = 600.0,
 ) -> None:
     """Benchmark: time to first response (cold start), warm p50/p95/p99 and tokens/s per concurrency."""
@@ -334,7 +366,8 @@ def bench(
     try:
         levels = [int(x) for x in concurrency.split(",") if x.strip()]
     except ValueError:
-        raise UsageError(f"--concurrency `{concurrency}` is not a list of numbers", "e.g. --concurrency 1,2,4,8") from None
+        raise UsageError(f"--concurrency `{concurrency}` is not a list of numbers",
+                         "e.g. --concurrency 1,2,4,8") from None
     if not levels or min(levels) < 1:
         raise UsageError("--concurrency needs positive levels", "e.g. --concurrency 1,2,4,8")
     with verify.client_for(target, env, timeout=timeout) as client:

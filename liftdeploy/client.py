@@ -21,9 +21,10 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 
@@ -66,6 +67,28 @@ class Generation:
         return cls(**{name: body[name] for name in cls.__dataclass_fields__})
 
 
+class EndpointLike(Protocol):
+    """An endpoint as the client needs it: the manifest's `Endpoint`, or a `Route`."""
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def label(self) -> str: ...
+
+    @property
+    def auth(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class Route:
+    """An endpoint known without a manifest: from a server's index, or the default labels."""
+
+    kind: str
+    label: str
+    auth: str = "none"
+
+
 @dataclass(frozen=True)
 class Endpoints:
     """Where each endpoint label answers."""
@@ -74,17 +97,26 @@ class Endpoints:
     auth: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def local(cls, base_url: str, endpoints: list[dict[str, str]]) -> Endpoints:
-        base = base_url.rstrip("/")
-        return cls({ep["label"]: f"{base}/{ep['label']}" for ep in endpoints},
-                   {ep["label"]: ep["auth"] for ep in endpoints})
+    def at(cls, urls: dict[str, str], endpoints: Iterable[EndpointLike]) -> Endpoints:
+        return cls(urls, {ep.label: str(ep.auth) for ep in endpoints})
 
     @classmethod
-    def modal(cls, workspace: str, environment: str, endpoints: list[dict[str, str]]) -> Endpoints:
+    def local(cls, base_url: str, endpoints: Iterable[EndpointLike]) -> Endpoints:
+        base = base_url.rstrip("/")
+        endpoints = list(endpoints)
+        return cls.at({ep.label: f"{base}/{ep.label}" for ep in endpoints}, endpoints)
+
+    @classmethod
+    def modal(cls, workspace: str, environment: str, endpoints: Iterable[EndpointLike]) -> Endpoints:
         """Modal's URL scheme: `https://<workspace>[-<env>]--<label>.modal.run`."""
         prefix = workspace if environment == "main" else f"{workspace}-{environment}"
-        return cls({ep["label"]: f"https://{prefix}--{ep['label']}.modal.run" for ep in endpoints},
-                   {ep["label"]: ep["auth"] for ep in endpoints})
+        endpoints = list(endpoints)
+        return cls.at({ep.label: f"https://{prefix}--{ep.label}.modal.run" for ep in endpoints}, endpoints)
+
+    @staticmethod
+    def kinds(endpoints: Iterable[EndpointLike]) -> dict[str, str]:
+        """label -> kind, as the clients take it."""
+        return {ep.label: str(ep.kind) for ep in endpoints}
 
     def label(self, kind: str, kinds: dict[str, str]) -> str:
         for label, k in kinds.items():
@@ -152,23 +184,21 @@ class _Base:
                      **kwargs: Any):
         """Addresses from a manifest: Modal's URLs (needs `app.workspace`), or `base_url` for a local server."""
         from .manifest import load
-        from .render import context
 
-        loaded = load(manifest, env)
-        endpoints = context(loaded)["endpoints"]
-        kinds = {ep["label"]: ep["kind"] for ep in endpoints}
+        m = load(manifest, env).manifest
+        kinds = Endpoints.kinds(m.endpoints)
         if base_url:
-            return cls(Endpoints.local(base_url, endpoints), kinds, **kwargs)
-        app = loaded.manifest.app
-        if not app.workspace:
+            return cls(Endpoints.local(base_url, m.endpoints), kinds, **kwargs)
+        if not m.app.workspace:
             raise ClientError("the manifest has no `app.workspace`, so its URLs are unknown",
                               hint="set `app.workspace` or pass a base URL")
-        return cls(Endpoints.modal(app.workspace, app.environment, endpoints), kinds, **kwargs)
+        return cls(Endpoints.modal(m.app.workspace, m.app.environment, m.endpoints), kinds, **kwargs)
 
     @classmethod
     def for_url(cls, base_url: str, endpoints: list[dict[str, str]] | None = None, **kwargs: Any):
-        endpoints = endpoints or [{"kind": k, "label": k, "auth": "none"} for k in ("health", "warmup", "generate")]
-        return cls(Endpoints.local(base_url, endpoints), {ep["label"]: ep["kind"] for ep in endpoints}, **kwargs)
+        routes = ([Route(ep["kind"], ep["label"], ep["auth"]) for ep in endpoints] if endpoints
+                  else [Route(k, k) for k in ("health", "warmup", "generate")])
+        return cls(Endpoints.local(base_url, routes), Endpoints.kinds(routes), **kwargs)
 
     def _exchange(self, kind: str, method: str, body: Any, read_timeout: float | None):
         """The request policy as a generator, driven by both clients: it yields a request to send

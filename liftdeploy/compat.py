@@ -6,29 +6,25 @@
 * ``data/runtime_conflicts.toml`` is curated: combinations that install cleanly but break at
   run time, each with a public source.
 
-Both are loaded lazily, once. Only the standard library and ``packaging`` are imported.
+The checks every engine shares live in :mod:`liftdeploy.knowledge`; this module adds vLLM's API
+families and its xgrammar backend. Only the standard library and ``packaging`` are imported.
 """
 
 from __future__ import annotations
 
 import functools
-import json
-import sys
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any
 
-from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.utils import canonicalize_name
-from packaging.version import InvalidVersion, Version
+from packaging.version import Version
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on 3.10 only
-    import tomli as tomllib
+from .knowledge import PREFERRED_PYTHON, Conflict, Finding, KnowledgeBase, Pins, conflicts, runtime_conflicts
+from .knowledge import version_of as _version
 
 __all__ = [
     "API_FAMILIES",
+    "PREFERRED_PYTHON",
     "ApiFamily",
     "Conflict",
     "Finding",
@@ -52,10 +48,8 @@ V1_STRUCTURED_OUTPUT_SINCE = Version("0.9.0")
 """First vLLM release with the xgrammar guided-decoding backend (its wheels ship
 ``vllm/model_executor/guided_decoding/xgrammar_decoding.py`` from 0.6.5 on)."""
 
-PREFERRED_PYTHON = "3.12"
-"""Suggested when a pin set's Python is outside a release's Requires-Python and 3.12 fits."""
-
 _CHECKED = ("torch", "transformers", "xgrammar")
+KB = KnowledgeBase("vllm", _CHECKED, floor="0.6.0")
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,49 +120,16 @@ _FAMILY_BOUNDS: tuple[tuple[Version, str], ...] = (
 )
 
 
-@dataclass(frozen=True)
-class Conflict:
-    packages: tuple[str, ...]
-    message: str
-    hint: str
-    source: str
-    id: str = ""
-    severity: str = "error"
-    references: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class Finding:
-    code: str
-    """Short kebab-case id, e.g. ``"transformers-out-of-range"``."""
-    message: str
-    hint: str
-    package: str
-    severity: str = "error"
-    """``"error"`` or ``"warning"``."""
-    source: str = ""
-
-
 # --------------------------------------------------------------------------------------------
-# Data loading (lazy, cached)
+# Queries
 # --------------------------------------------------------------------------------------------
-
-
-def _data_text(name: str) -> str:
-    return resources.files("liftdeploy").joinpath("data").joinpath(name).read_text(encoding="utf-8")
-
-
-@functools.cache
-def _releases_doc() -> dict[str, Any]:
-    return json.loads(_data_text("vllm_releases.json"))
 
 
 @functools.cache
 def _release_index() -> dict[Version, Release]:
     out: dict[Version, Release] = {}
-    for rec in _releases_doc()["releases"]:
-        v = Version(rec["version"])
-        out[v] = Release(
+    for rec in KB.records():
+        out[Version(rec["version"])] = Release(
             version=rec["version"],
             requires_python=rec.get("requires_python", ""),
             torch=rec.get("torch", ""),
@@ -176,49 +137,12 @@ def _release_index() -> dict[Version, Release]:
             xgrammar=rec.get("xgrammar", ""),
             api_family=api_family(rec["version"]),
         )
-    return dict(sorted(out.items()))
-
-
-@functools.cache
-def conflicts() -> tuple[tuple[Conflict, dict[str, SpecifierSet]], ...]:
-    """The curated runtime conflicts with their ``when`` conditions."""
-    doc = tomllib.loads(_data_text("runtime_conflicts.toml"))
-    out = []
-    for c in doc.get("conflict", []):
-        when = {canonicalize_name(k): SpecifierSet(v) for k, v in c["when"].items()}
-        out.append(
-            (
-                Conflict(
-                    packages=tuple(when),
-                    message=c["message"],
-                    hint=c["hint"],
-                    source=c["source"],
-                    id=c["id"],
-                    severity=c.get("severity", "error"),
-                    references=tuple(c.get("references", ())),
-                ),
-                when,
-            )
-        )
-    return tuple(out)
+    return out
 
 
 def data_info() -> dict[str, Any]:
     """``generated`` date and ``source`` of the release data."""
-    doc = _releases_doc()
-    return {"generated": doc.get("generated"), "source": doc.get("source")}
-
-
-# --------------------------------------------------------------------------------------------
-# Queries
-# --------------------------------------------------------------------------------------------
-
-
-def _version(v: str) -> Version | None:
-    try:
-        return Version(str(v).strip().removeprefix("=="))
-    except InvalidVersion:
-        return None
+    return KB.info()
 
 
 def releases() -> list[Release]:
@@ -267,185 +191,56 @@ def default_backend(vllm_version: str) -> str:
     return "guidance" if v1_structured_output(vllm_version) else "xgrammar"
 
 
+# mlc-ai/xgrammar#800: length-bounded strings compile to `[^"\\\r\n]{m,n}` (raw control characters
+# pass). Checked on 0.1.19, 0.1.25, 0.2.0, 0.2.8 and 0.2.9 (the newest); open upstream, so every release
+# up to the newest checked is taken to have it. Raise this once a release fixes it.
+XGRAMMAR_BOUNDED_STRINGS_CHECKED_TO = Version("0.2.9")
+
+
+def xgrammar_version(pins: dict[str, str], vllm_version: str) -> str | None:
+    """The xgrammar the image gets: the manifest's pin, or the one the vLLM release pins exactly."""
+    pinned = {canonicalize_name(name.split("[")[0]): v for name, v in pins.items()}
+    if "xgrammar" in pinned:
+        return pinned["xgrammar"]
+    rel = release(vllm_version)
+    spec = rel.xgrammar if rel is not None else ""
+    return spec[2:] if spec.startswith("==") else None
+
+
+def xgrammar_bounded_strings_defect(version: str | None) -> bool:
+    """Whether this xgrammar (None: unknown) may have the bounded-string defect (#800)."""
+    v = _version(version) if version else None
+    return v is None or v <= XGRAMMAR_BOUNDED_STRINGS_CHECKED_TO
+
+
 def known_versions(package: str) -> list[str]:
     """Released (non-yanked) versions of torch / transformers / xgrammar recorded by the refresh."""
-    return list(_releases_doc().get("known_versions", {}).get(canonicalize_name(package), []))
-
-
-def _yanked(package: str) -> dict[str, str]:
-    return dict(_releases_doc().get("yanked", {}).get(canonicalize_name(package), {}))
-
-
-def _norm_pins(pins: dict[str, str]) -> dict[str, str]:
-    return {canonicalize_name(k): str(v).strip().removeprefix("==") for k, v in pins.items()}
-
-
-def runtime_conflicts(pins: dict[str, str]) -> list[Conflict]:
-    """Curated conflicts that apply to an exact pin set (normalized name -> version)."""
-    pins = _norm_pins(pins)
-    out = []
-    for conflict, when in conflicts():
-        ok = True
-        for pkg, spec in when.items():
-            v = _version(pins[pkg]) if pkg in pins else None
-            if v is None or not spec.contains(v, prereleases=True):
-                ok = False
-                break
-        if ok:
-            fmt = {k.replace("-", "_"): pins[k] for k in when}
-            out.append(
-                Conflict(
-                    packages=conflict.packages,
-                    message=conflict.message.format_map(_Default(fmt)),
-                    hint=conflict.hint.format_map(_Default(fmt)),
-                    source=conflict.source,
-                    id=conflict.id,
-                    severity=conflict.severity,
-                    references=conflict.references,
-                )
-            )
-    return out
-
-
-class _Default(dict):
-    def __missing__(self, key: str) -> str:
-        return "{" + key + "}"
+    return KB.known_versions(package)
 
 
 def best_version(package: str, spec: str, pins: dict[str, str] | None = None) -> str | None:
     """Newest recorded release of ``package`` inside ``spec`` that, together with the other
     ``pins``, triggers no curated runtime conflict; ``None`` if there is none."""
-    package = canonicalize_name(package)
-    others = {k: v for k, v in _norm_pins(pins or {}).items() if k != package}
-    try:
-        sset = SpecifierSet(spec or "")
-    except InvalidSpecifier:
-        return None
-    candidates = [Version(v) for v in known_versions(package)]
-    if not candidates and sset and all(s.operator in ("==", "===") for s in sset):
-        candidates = [Version(s.version) for s in sset if "*" not in s.version]
-    for v in sorted(candidates, reverse=True):
-        if not sset.contains(v, prereleases=False):
-            continue
-        if not any(c.severity == "error" for c in runtime_conflicts({**others, package: str(v)})):
-            return str(v)
-    return None
+    return KB.best_version(package, spec, pins)
 
 
-def _python_hint(rel: Release) -> str:
-    spec = SpecifierSet(rel.requires_python)
-    fits = [f"3.{m}" for m in range(8, 16) if spec.contains(f"3.{m}.0")]
-    if not fits:
-        return f"use a Python that satisfies {rel.requires_python}"
-    pick = PREFERRED_PYTHON if PREFERRED_PYTHON in fits else fits[-1]
-    return f"use python {pick} (vllm=={rel.version} supports {rel.requires_python})"
-
-
-def _newer_vllm_allowing(package: str, version: str, current: Version) -> str | None:
-    """Oldest vLLM release newer than ``current`` whose range admits ``package==version``."""
-    v = _version(version)
-    if v is None:
-        return None
-    for rel in releases():
-        if Version(rel.version) <= current:
-            continue
-        spec = getattr(rel, package)
-        if spec and SpecifierSet(spec).contains(v, prereleases=True):
-            return rel.version
-    return None
+def _xgrammar_backend(record: dict[str, Any], pins: Pins) -> list[Finding]:
+    if "xgrammar" not in pins.versions or supports_xgrammar(record["version"]):
+        return []
+    return [
+        Finding(
+            "xgrammar-backend-missing",
+            f"vllm=={record['version']} has no xgrammar guided-decoding backend (added in {XGRAMMAR_SINCE}); "
+            f"the xgrammar=={pins.versions['xgrammar']} pin is unused",
+            f"upgrade vllm to >={XGRAMMAR_SINCE}",
+            "xgrammar",
+            severity="warning",
+        )
+    ]
 
 
 def pin_findings(pins: dict[str, str], python_version: str) -> list[Finding]:
-    """Check an exact pin set (normalized name -> version) for a Python version against the
-    knowledge base: Requires-Python, vLLM's declared torch / transformers / xgrammar ranges,
-    the xgrammar backend's availability, yanked releases, and the curated runtime conflicts."""
-    pins = _norm_pins(pins)
-    findings: list[Finding] = []
-    vllm_pin = pins.get("vllm")
-    vllm_v = _version(vllm_pin) if vllm_pin else None
-    rel = release(vllm_pin) if vllm_pin else None
-
-    if vllm_pin and rel is None:
-        yanked = _yanked("vllm")
-        if vllm_pin in yanked:
-            msg = f"vllm=={vllm_pin} is yanked from the index" + (
-                f": {yanked[vllm_pin]}" if yanked[vllm_pin] else ""
-            )
-        elif vllm_v is not None and vllm_v < Version("0.6.0"):
-            msg = f"vllm=={vllm_pin} predates 0.6.0, the oldest release liftdeploy supports"
-        else:
-            first, last = releases()[0].version, newest().version
-            msg = f"vllm=={vllm_pin} is not a known release ({first} to {last}; run liftdeploy.refresh if it is new)"
-        findings.append(Finding("vllm-unknown-release", msg, f"pin vllm=={newest().version}", "vllm"))
-
-    if rel is not None:
-        py = _version(python_version)
-        if py is None:
-            findings.append(
-                Finding(
-                    "python-invalid", f"not a Python version: {python_version!r}", "use e.g. 3.12", "python"
-                )
-            )
-        elif rel.requires_python and not SpecifierSet(rel.requires_python).contains(py, prereleases=True):
-            findings.append(
-                Finding(
-                    "python-unsupported",
-                    f"vllm=={rel.version} requires Python {rel.requires_python}, but Python {python_version} is used",
-                    _python_hint(rel),
-                    "python",
-                )
-            )
-        for package in _CHECKED:
-            spec = getattr(rel, package)
-            pinned = pins.get(package)
-            if not spec or pinned is None:
-                continue
-            pv = _version(pinned)
-            if pv is not None and SpecifierSet(spec).contains(pv, prereleases=True):
-                continue
-            best = best_version(package, spec, pins)
-            hint = f"pin {package}=={best}" if best else f"pin a {package} version satisfying {spec}"
-            newer = _newer_vllm_allowing(package, pinned, Version(rel.version))
-            if newer and package != "torch":
-                hint += f", or upgrade vllm to >={newer}"
-            findings.append(
-                Finding(
-                    f"{package}-out-of-range",
-                    f"vllm=={rel.version} requires {package}{spec}, but {package}=={pinned} is pinned",
-                    hint,
-                    package,
-                )
-            )
-        if "xgrammar" in pins and not supports_xgrammar(rel.version):
-            findings.append(
-                Finding(
-                    "xgrammar-backend-missing",
-                    f"vllm=={rel.version} has no xgrammar guided-decoding backend (added in {XGRAMMAR_SINCE}); "
-                    f"the xgrammar=={pins['xgrammar']} pin is unused",
-                    f"upgrade vllm to >={XGRAMMAR_SINCE}",
-                    "xgrammar",
-                    severity="warning",
-                )
-            )
-
-    flagged = {f.package for f in findings}
-    for package in _CHECKED:
-        yanked = _yanked(package)
-        if package not in flagged and pins.get(package) in yanked:
-            reason = yanked[pins[package]]
-            best = best_version(package, getattr(rel, package) if rel else "", pins)
-            findings.append(
-                Finding(
-                    "yanked-release",
-                    f"{package}=={pins[package]} is yanked from the index"
-                    + (f": {reason}" if reason else ""),
-                    f"pin {package}=={best}" if best else f"pin another {package} release",
-                    package,
-                    severity="warning",
-                )
-            )
-
-    for c in runtime_conflicts(pins):
-        package = next((p for p in c.packages if p != "vllm"), c.packages[0])
-        findings.append(Finding(c.id, c.message, c.hint, package, severity=c.severity, source=c.source))
-    return findings
+    """Check an exact pin set (name -> version) for a Python version against the knowledge base:
+    Requires-Python, vLLM's declared torch / transformers / xgrammar ranges, the xgrammar
+    backend's availability, yanked releases, and the curated runtime conflicts."""
+    return KB.pin_findings(pins, python_version, _xgrammar_backend)

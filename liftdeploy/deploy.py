@@ -1,4 +1,4 @@
-"""Deploy through Modal's Python API, and keep the state of the last apply.
+"""Deploy through Modal's Python API; `state` records what each apply deployed.
 
 `apply` = check → render → deploy → record state → warm-up → smoke test. The module is
 rendered into a temporary folder and deployed from there; only after Modal accepted it
@@ -10,64 +10,19 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import json
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
 
 from .errors import StepError
-from .manifest import Loaded
-from .render import module_name, output_path, render, write_atomic
-
-STATE_DIR = ".liftdeploy"
-
-
-# ## State of the last apply
-
-
-@dataclass
-class State:
-    manifest: str
-    env: str | None
-    manifest_sha256: str
-    app_name: str
-    environment: str
-    tag: str
-    app_id: str | None
-    urls: dict[str, str]
-    settings: dict[str, Any]  # what `plan` compares against
-    applied_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-
-
-def state_path(loaded: Loaded) -> Path:
-    """`.liftdeploy/<module>.state.json` beside the manifest; commit it or ignore it."""
-    return loaded.path.parent / STATE_DIR / f"{module_name(loaded)}.state.json"
-
-
-def read_state(loaded: Loaded) -> State | None:
-    path = state_path(loaded)
-    try:
-        return State(**json.loads(path.read_text()))
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, TypeError) as exc:
-        raise StepError("read state", f"{path} is unreadable ({exc})", f"delete {path} to plan from scratch") from None
-
-
-def write_state(loaded: Loaded, state: State) -> None:
-    write_atomic(state_path(loaded), json.dumps(asdict(state), indent=2, sort_keys=True) + "\n")
-
-
-def tag_for(loaded: Loaded) -> str:
-    """The deployment tag: the manifest's content hash, so Modal's history names the manifest."""
-    return f"manifest-{loaded.sha256[:12]}"
-
+from .manifest import Endpoint, EndpointKind, Loaded
+from .render import ident, output_path, render, write_atomic
+from .state import forget, record, state_path, tag_for
 
 # ## Deploying
 
@@ -90,23 +45,23 @@ def rendered_module(loaded: Loaded) -> Iterator[tuple[Path, str]]:
     """The fresh render in a temporary folder, under its final file name."""
     with tempfile.TemporaryDirectory(prefix="liftdeploy-apply-") as tmp:
         text = render(loaded)
-        path = Path(tmp) / f"{module_name(loaded)}.py"
+        path = Path(tmp) / f"{loaded.module_name}.py"
         write_atomic(path, text)
         yield path, text
 
 
-def web_urls(module: ModuleType) -> dict[str, str]:
+def web_urls(module: ModuleType, endpoints: list[Endpoint]) -> dict[str, str]:
     """The URL Modal assigned to each endpoint label, read from the deployed functions."""
     urls = {}
-    for ep in module.ENDPOINTS:
-        name = "web_" + ep["label"].replace("-", "_")
+    for ep in endpoints:
+        name = ident(ep.label)
         try:
-            target = getattr(module, name) if ep["kind"] == "health" else getattr(module.Inference(), name)
+            target = getattr(module, name) if ep.kind is EndpointKind.health else getattr(module.Inference(), name)
             url = target.get_web_url()
         except Exception:  # an older client or an unhydrated handle: fall back to the manifest's scheme
             url = None
         if url:
-            urls[ep["label"]] = url
+            urls[ep.label] = url
     return urls
 
 
@@ -124,8 +79,9 @@ def deploy(loaded: Loaded, path: Path) -> tuple[str | None, dict[str, str]]:
     except modal.exception.AuthError as exc:
         raise StepError("deploy", f"Modal refused the credentials: {exc}", "run `modal token new`") from None
     except Exception as exc:  # modal's errors, OSError, grpclib's: a failed deploy, not a crash
-        raise StepError("deploy", f"{type(exc).__name__}: {exc}", "nothing was changed locally; fix and re-run apply") from None
-    return app.app_id, web_urls(module)
+        raise StepError("deploy", f"{type(exc).__name__}: {exc}",
+                        "nothing was changed locally; fix and re-run apply") from None
+    return app.app_id, web_urls(module, m.endpoints)
 
 
 def modal_serve(loaded: Loaded) -> int:
@@ -142,9 +98,10 @@ def destroy(loaded: Loaded) -> int:
     """Stop the Modal app (`modal app stop`); once it is stopped, forget the last apply's state,
     so that `plan` no longer claims the deployment matches."""
     m = loaded.manifest
-    code = subprocess.call([sys.executable, "-m", "modal", "app", "stop", m.app.name, "--env", m.app.environment, "--yes"])
+    stop = [sys.executable, "-m", "modal", "app", "stop", m.app.name, "--env", m.app.environment, "--yes"]
+    code = subprocess.call(stop)
     if code == 0:
-        state_path(loaded).unlink(missing_ok=True)
+        forget(loaded)
     return code
 
 
@@ -158,7 +115,7 @@ class Step:
     detail: str = ""
 
 
-def apply(loaded: Loaded, *, settings: dict[str, Any], verify: bool = True, warmup_timeout: float = 600.0,
+def apply(loaded: Loaded, *, verify: bool = True, warmup_timeout: float = 600.0,
           on_step: Callable[[Step], None] = lambda step: None,
           progress: Callable[[float, str], None] | None = None) -> list[Step]:
     """Render → deploy → record state → warm-up → smoke. The caller has run `check` first."""
@@ -177,24 +134,22 @@ def apply(loaded: Loaded, *, settings: dict[str, Any], verify: bool = True, warm
         done("deploy", started, app_id or "")
         started = time.monotonic()
         write_atomic(output_path(loaded), text)
-        m = loaded.manifest
-        write_state(loaded, State(str(loaded.path), loaded.env, loaded.sha256, m.app.name, m.app.environment,
-                                  tag_for(loaded), app_id, urls, settings))
+        record(loaded, app_id, urls)
         done("record state", started, str(state_path(loaded)))
     if not verify:
         return steps
-    endpoints = [{"kind": ep.kind.value, "label": ep.label, "auth": ep.auth.value} for ep in m.endpoints]
-    missing = [ep["label"] for ep in endpoints if ep["label"] not in urls]
+    m = loaded.manifest
+    missing = [ep.label for ep in m.endpoints if ep.label not in urls]
     if missing:
         if not m.app.workspace:
             raise StepError("warm-up", f"Modal returned no URL for {', '.join(missing)}",
                             "set `app.workspace`, or run `liftdeploy warmup URL` yourself")
-        urls = {**Endpoints.modal(m.app.workspace, m.app.environment, endpoints).urls, **urls}
-    client = Client(Endpoints(urls, {ep["label"]: ep["auth"] for ep in endpoints}),
-                    {ep["label"]: ep["kind"] for ep in endpoints}, timeouts=Timeouts(cold_read=warmup_timeout))
+        urls = {**Endpoints.modal(m.app.workspace, m.app.environment, m.endpoints).urls, **urls}
+    client = Client(Endpoints.at(urls, m.endpoints), Endpoints.kinds(m.endpoints),
+                    timeouts=Timeouts(cold_read=warmup_timeout))
     with client:
         started = time.monotonic()
-        if any(ep["kind"] == "warmup" for ep in endpoints):
+        if any(ep.kind == "warmup" for ep in m.endpoints):
             answer = verifying.warmup(client, deadline=warmup_timeout, progress=progress)
             done("warm-up", started, f"model loaded in {answer.get('load_seconds') or 0:.1f} s")
         started = time.monotonic()

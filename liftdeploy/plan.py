@@ -11,40 +11,8 @@ from typing import Any
 
 from . import sizing
 from .client import Endpoints
-from .deploy import State, read_state
 from .manifest import Loaded
-
-
-def settings(loaded: Loaded) -> dict[str, Any]:
-    """Every deployed setting as a flat `key: value` map: what plans are compared on."""
-    m = loaded.manifest
-    out: dict[str, Any] = {
-        "app.name": m.app.name,
-        "app.environment": m.app.environment,
-        "model.id": m.model.id,
-        "model.revision": m.model.revision,
-        "model.dtype": m.model.dtype.value,
-        "model.max_model_len": m.model.max_model_len,
-        "model.quantization": m.model.quantization,
-        "model.tensor_parallel_size": m.model.tensor_parallel_size,
-        "compute.gpu": " → ".join(m.gpu_chain()),
-        "compute.cpu": m.compute.cpu,
-        "compute.memory": m.compute.memory,
-        "image.python": m.image.python,
-        "image.base": m.image.base or "debian_slim",
-    }
-    out.update({f"image.{req.partition('==')[0]}": req.partition("==")[2] for req in m.image.requirements()})
-    for role in ("weights", "compile_cache"):
-        volume = getattr(m.volumes, role)
-        if volume:
-            out[f"volumes.{role}"] = f"{volume.name} at {volume.mount}"
-    out.update({f"scaling.{k}": v for k, v in m.scaling.model_dump().items()})
-    out.update({f"concurrency.{k}": v for k, v in m.concurrency.model_dump().items()})
-    out.update({f"cold_start.{k}": v for k, v in m.cold_start.model_dump().items()})
-    out.update({f"endpoints.{ep.label}": f"{ep.kind.value}, auth={ep.auth.value}" for ep in m.endpoints})
-    if m.secrets.names or m.secrets.bearer:
-        out["secrets"] = ", ".join([*m.secrets.names, *([m.secrets.bearer] if m.secrets.bearer else [])])
-    return {k: v for k, v in out.items() if v is not None}
+from .state import State, read_state, settings
 
 
 @dataclass(frozen=True)
@@ -78,14 +46,14 @@ def describe(loaded: Loaded, state: State | None = None) -> str:
     """The plan as text."""
     m = loaded.manifest
     state = state if state is not None else read_state(loaded)
-    chain = m.gpu_chain()
     lines = [f"liftdeploy plan: {loaded.label}", ""]
     lines.append(f"  app          {m.app.name} in Modal environment `{m.app.environment}`")
-    lines.append(f"  model        {m.model.id}" + (f" @ {m.model.revision[:12]}" if m.model.revision else " (unpinned)"))
-    fit = {f.gpu: f for f in sizing.fits(m)}
-    gpus = ", ".join(f"{g} (${sizing.hourly_usd(g):.2f}/h{'' if fit[g].fits else ', too small'})" for g in chain)
+    revision = f" @ {m.model.revision[:12]}" if m.model.revision else " (unpinned)"
+    lines.append(f"  model        {m.model.id}{revision}")
+    fits = sizing.fits(m)
+    gpus = ", ".join(f"{f.spec} (${f.spec.usd_per_hour:.2f}/h{'' if f.fits else ', too small'})" for f in fits)
     lines.append(f"  gpu          {gpus}  — tried in this order")
-    need = m.model.needed_gib()
+    need = sizing.needed_gib(m.model)
     if need is not None:
         lines.append(f"  memory       ~{need:.0f} GiB needed (weights + KV reserve)")
     pins = ", ".join(m.image.requirements())
@@ -100,16 +68,17 @@ def describe(loaded: Loaded, state: State | None = None) -> str:
                  + (f" (+{s.buffer_containers} buffer)" if s.buffer_containers else "")
                  + f", timeout {s.timeout} s, startup {s.startup_timeout} s")
     lines.append(f"  concurrency  {c.max_inputs} inputs per container"
-                 + (f" (target {c.target_inputs})" if c.target_inputs else "") + (f", queue {c.queue}" if c.queue else ""))
-    idle = s.min_containers * sizing.hourly_usd(chain[0])
-    lines.append(f"  cost         ${sizing.hourly_usd(chain[0]):.2f}/h per busy container on {chain[0]}; "
+                 + (f" (target {c.target_inputs})" if c.target_inputs else "")
+                 + (f", queue {c.queue}" if c.queue else ""))
+    first = m.gpus[0]
+    idle = s.min_containers * first.usd_per_hour
+    lines.append(f"  cost         ${first.usd_per_hour:.2f}/h per busy container on {first}; "
                  f"idle ${idle:.2f}/h (min_containers {s.min_containers})")
     estimate = sizing.cold_start(m)
     if estimate:
         lines.append(f"  cold start   {estimate.describe()}")
-    endpoints = [{"kind": ep.kind.value, "label": ep.label, "auth": ep.auth.value} for ep in m.endpoints]
-    urls = (Endpoints.modal(m.app.workspace, m.app.environment, endpoints).urls if m.app.workspace
-            else {ep["label"]: f"https://<workspace>--{ep['label']}.modal.run" for ep in endpoints})
+    urls = (Endpoints.modal(m.app.workspace, m.app.environment, m.endpoints).urls if m.app.workspace
+            else {ep.label: f"https://<workspace>--{ep.label}.modal.run" for ep in m.endpoints})
     lines.append("  endpoints")
     for ep in m.endpoints:
         where = "no GPU" if not ep.on_gpu else "GPU class"

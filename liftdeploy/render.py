@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import math
 import os
-import stat
-import tempfile
 from enum import Enum
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import jinja2
+from pydantic import BaseModel
 
 from . import __version__
+from ._files import write_atomic as write_atomic  # where the CLI and apply write files
 from .compat import api_family, v1_structured_output
 from .errors import StepError
 from .manifest import Loaded, Manifest
@@ -38,6 +38,8 @@ def py(value: Any) -> str:
     """A Python literal for a manifest value: the only way values enter rendered code."""
     if isinstance(value, Enum):
         return py(value.value)
+    if isinstance(value, BaseModel):  # a manifest section, as the table of its fields
+        return py(value.model_dump(mode="json"))
     if value is None or isinstance(value, (bool, int)):
         return repr(value)
     if isinstance(value, float):
@@ -58,6 +60,8 @@ def py(value: Any) -> str:
 
 def py_block(value: Any, indent: int = 0, width: int = 100) -> str:
     """Like `py`, but a long list or dict is written one item per line, as a formatter would."""
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode="json")
     flat = py(value)
     if len(flat) + indent <= width or not isinstance(value, (dict, list, tuple)) or not value:
         return flat
@@ -163,7 +167,6 @@ def context(loaded: Loaded) -> dict[str, Any]:
     secrets = list(m.secrets.names)
     if m.secrets.bearer and m.secrets.bearer not in secrets:
         secrets.append(m.secrets.bearer)
-    endpoints = [{"kind": ep.kind.value, "label": ep.label, "auth": ep.auth.value} for ep in m.endpoints]
     return {
         "m": m,
         "version": __version__,
@@ -180,8 +183,8 @@ def context(loaded: Loaded) -> dict[str, Any]:
         "image_env": image_env(m),
         "volumes_expr": "{" + ", ".join(mounts) + "}" if mounts else "",
         "secrets": secrets,
-        "endpoints": endpoints,
-        "kinds": sorted({ep["kind"] for ep in endpoints}),
+        "endpoints": m.endpoints,
+        "kinds": sorted({ep.kind.value for ep in m.endpoints}),
     }
 
 
@@ -190,53 +193,14 @@ def render(loaded: Loaded) -> str:
 
 
 def module_name(loaded: Loaded) -> str:
-    stem = loaded.path.stem.replace("-", "_").replace(".", "_")
-    return f"{stem}_{loaded.env.replace('-', '_')}" if loaded.env else stem
+    """The rendered module's name (`Loaded.module_name`; the local server imports it by it)."""
+    return loaded.module_name
 
 
 def output_path(loaded: Loaded, out_dir: Path | str | None = None) -> Path:
     """Where the module goes: beside the manifest unless `out_dir` says otherwise."""
     directory = Path(out_dir) if out_dir is not None else loaded.path.parent
-    return directory / f"{module_name(loaded)}.py"
-
-
-@lru_cache(maxsize=1)
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write through a temporary file and a rename: readers never see half a file.
-
-    The file keeps the mode of the one it replaces, or gets the usual `0o666 & ~umask` when
-    new (mkstemp's own 0o600 would make a rendered module unreadable to a build user)."""
-    hint = "check that the output directory can be created and written to"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise StepError("write", f"cannot create the directory {path.parent}: {exc.strerror or exc}", hint) from None
-    try:
-        mode = stat.S_IMODE(path.stat().st_mode)
-    except OSError:
-        mode = 0o666 & ~_umask()
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise StepError("write", f"cannot write {path}: {exc.strerror or exc}", hint) from None
-    try:
-        os.chmod(tmp, mode)
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise StepError("write", f"cannot write {path}: {exc.strerror or exc}", hint) from None
-        raise
+    return directory / f"{loaded.module_name}.py"
 
 
 def drift(loaded: Loaded, path: Path) -> bool:

@@ -19,7 +19,10 @@ from pathlib import Path
 
 __all__ = ["ResolveResult", "find_uv", "resolve"]
 
-DEFAULT_PLATFORM = "x86_64-manylinux_2_28"
+DEFAULT_PLATFORM = "x86_64-manylinux_2_36"
+"""glibc 2.36: Modal's `debian_slim` (Debian bookworm, image builders 2024.04 to 2025.06; trixie's
+2.41 after). Wheels tagged for older glibc install there too; sglang 0.5.10 and later ship only
+`manylinux_2_34` wheels, which a `manylinux_2_28` resolution would wrongly refuse."""
 
 _NETWORK_MARKERS = (
     "failed to fetch",

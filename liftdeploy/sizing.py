@@ -2,15 +2,22 @@
 
 The cold-start model is calibrated on the seeds' measured 32B load on an A100-80GB
 (423 s: safetensors 43 s, model init 45 s, torch.compile 156 s, CUDA graphs 46 s).
+This module reads manifest values but imports no manifest code: the manifest asks it
+which GPUs `any` expands to.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from . import catalog
-from .manifest import Manifest
 
+if TYPE_CHECKING:
+    from .manifest import GpuSpec, Manifest, ModelSection
+
+KV_RESERVE_FRACTION = 0.10  # of the weights: the least KV cache worth serving with
+KV_RESERVE_MIN_GIB = 1.0
 CONTAINER_START_S = 15.0
 LOAD_GIB_PER_S = 1.4  # safetensors from a Modal Volume: 61 GiB in 43 s
 INIT_S_PER_GIB = 0.74  # weights into GPU memory: 45 s for 61 GiB
@@ -20,11 +27,47 @@ GRAPHS_S = 46.0  # CUDA graph capture
 DOWNLOAD_GIB_PER_S = 0.5  # first start: from the Hub into the Volume
 
 
+def weights_gib(model: ModelSection) -> float | None:
+    """The weights' size in GiB, from the parameter count and the dtype or quantization."""
+    if model.size_b is None:
+        return None
+    per_param = catalog.BYTES_PER_PARAM[model.quantization or model.dtype.value]
+    return model.size_b * 1e9 * per_param / 2**30
+
+
+def needed_gib(model: ModelSection) -> float | None:
+    """GPU memory to serve: the weights plus the least KV cache worth serving with."""
+    weights = weights_gib(model)
+    if weights is None:
+        return None
+    return weights + max(weights * KV_RESERVE_FRACTION, KV_RESERVE_MIN_GIB)
+
+
+def usable_gib(spec: GpuSpec, model: ModelSection) -> float:
+    """What vLLM may take of the entry's memory, at the model's gpu_memory_utilization."""
+    return spec.memory_gib * model.gpu_memory_utilization
+
+
+def gpus_that_fit(model: ModelSection, count: int, exclude: set[str]) -> list[catalog.Gpu]:
+    """What `any` expands to: every GPU not in `exclude` that fits `count` of it, cheapest first."""
+    need = needed_gib(model)
+    out = []
+    for gpu in sorted(catalog.GPUS, key=lambda g: g.usd_per_hour):
+        fits = need is None or gpu.memory_gib * count * model.gpu_memory_utilization >= need
+        if gpu.name not in exclude and gpu.variant_of is None and fits and count <= gpu.max_count:
+            out.append(gpu)
+    return out
+
+
 @dataclass(frozen=True)
 class Fit:
-    gpu: str  # as in the chain, e.g. "H100:2"
+    spec: GpuSpec  # an entry of the expanded chain, e.g. H100:2
     usable_gib: float
     needed_gib: float | None
+
+    @property
+    def gpu(self) -> str:
+        return str(self.spec)
 
     @property
     def fits(self) -> bool:
@@ -33,21 +76,8 @@ class Fit:
 
 def fits(m: Manifest) -> list[Fit]:
     """For each GPU of the expanded chain: usable memory versus weights plus a KV-cache reserve."""
-    out = []
-    for entry in m.gpu_chain():
-        name, _, count = entry.partition(":")
-        gpu = catalog.find_gpu(name)
-        assert gpu is not None
-        usable = gpu.memory_gib * int(count or 1) * m.model.gpu_memory_utilization
-        out.append(Fit(entry, usable, m.model.needed_gib()))
-    return out
-
-
-def hourly_usd(entry: str) -> float:
-    name, _, count = entry.partition(":")
-    gpu = catalog.find_gpu(name)
-    assert gpu is not None
-    return gpu.usd_per_hour * int(count or 1)
+    need = needed_gib(m.model)
+    return [Fit(spec, usable_gib(spec, m.model), need) for spec in m.gpus]
 
 
 @dataclass(frozen=True)
@@ -60,7 +90,7 @@ class ColdStart:
 
 
 def cold_start(m: Manifest) -> ColdStart | None:
-    weights = m.model.weights_gib()
+    weights = weights_gib(m.model)
     if weights is None:
         return None
     load = weights / LOAD_GIB_PER_S + weights * INIT_S_PER_GIB

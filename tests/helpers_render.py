@@ -272,7 +272,8 @@ def describe_rendered(path: str) -> dict[str, Any]:
                for field in ("min_containers", "max_containers", "buffer_containers", "scaledown_window")},
             "max_inputs": cells["max_concurrent_inputs"],
             "target_inputs": cells["target_concurrent_inputs_int"] or None,
-            "volumes": {str(mount): {"name": volume._name, "create_if_missing": _closure(volume._load)["create_if_missing"]}
+            "volumes": {str(mount): {"name": volume._name,
+                                     "create_if_missing": _closure(volume._load)["create_if_missing"]}
                         for mount, volume in spec.volumes.items()},
             "secrets": [secret._name for secret in spec.secrets],
             "schedule": schedule.proto_message.cron.cron_string if schedule is not None else None,

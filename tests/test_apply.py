@@ -445,6 +445,31 @@ def test_apply_refuses_a_conflicting_transformers_pin(plane, tmp_path):
     assert_nothing_deployed(plane, start, tmp_path, before)
 
 
+# `apply --env dev` judges exactly the target it deploys: the base merged with `[env.dev]`.
+# An error the env shares with the base, or a secret written anywhere in the file, blocks it.
+SHARED_ERRORS = {
+    "pin-shared-with-base": ('transformers = "4.53.0"', 'transformers = "4.57.0"', "error[vllm-transformers-aimv2]"),
+    "secret-value-in-the-file": ('TOKENIZERS_PARALLELISM = "false"',
+                                 'TOKENIZERS_PARALLELISM = "false", HF_TOKEN = "hf_' + "a1B2c3D4e5" * 4 + '"',
+                                 "error[secret-value]"),
+}
+
+
+@pytest.mark.parametrize("case", list(SHARED_ERRORS), ids=list(SHARED_ERRORS))
+def test_apply_env_refuses_what_check_finds_on_that_env(plane, tmp_path, case):
+    old, new, shown = SHARED_ERRORS[case]
+    manifest = tmp_path / "qwen32b.toml"
+    shutil.copy(DEPLOYMENTS / "qwen32b.toml", manifest)
+    edit(manifest, old, new)  # in the base; `[env.dev]` changes neither
+    before, start = snapshot(tmp_path), len(plane.requests)
+    result = liftdeploy(plane, "apply", "qwen32b.toml", "--env", "dev", "--yes", "--no-verify", cwd=tmp_path)
+    assert result.returncode == 1, output(result)
+    assert shown in result.stderr and "nothing was deployed" in result.stderr, output(result)
+    assert "Traceback" not in result.stderr
+    assert plane.method_names()[start:] == []
+    assert_nothing_deployed(plane, start, tmp_path, before)
+
+
 @pytest.mark.parametrize("stdin", ["n\n", None], ids=["answers-no", "stdin-closed"])
 def test_apply_without_yes_deploys_nothing_unless_confirmed(plane, tmp_path, stdin):
     shutil.copy(DEPLOYMENTS / "qwen32b.toml", tmp_path)

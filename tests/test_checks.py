@@ -96,7 +96,8 @@ def test_unpinned_revision_and_public_endpoint_warn(tmp_path):
 
 def test_secret_value_in_manifest(tmp_path):
     token = "hf_" + "a1B2c3D4e5" * 4
-    path = manifest(tmp_path, ('TOKENIZERS_PARALLELISM = "false"', f'TOKENIZERS_PARALLELISM = "false", HF_TOKEN = "{token}"'))
+    path = manifest(tmp_path, ('TOKENIZERS_PARALLELISM = "false"',
+                               f'TOKENIZERS_PARALLELISM = "false", HF_TOKEN = "{token}"'))
     result = run_check(str(path))
     assert result.returncode == 1
     assert "error[secret-value]" in result.stdout and token not in result.stdout
@@ -132,3 +133,31 @@ def test_schema_file_is_current():
     from liftdeploy.manifest import json_schema
 
     assert json.loads((ROOT / "manifest.schema.json").read_text()) == json_schema()
+
+
+def test_a_finding_the_env_shares_with_the_base_is_kept_on_both_and_shown_once(tmp_path):
+    path = manifest(tmp_path, ('transformers = "4.53.0"', 'transformers = "4.57.0"'))
+    report = check([path])
+    shared = [(f.env, f.path) for f in report.findings if f.code == "vllm-transformers-aimv2"]
+    assert shared == [(None, "image.pins.transformers"), ("dev", "image.pins.transformers")]  # apply --env dev sees it
+    shown = [f for f in report.shown() if f.code == "vllm-transformers-aimv2"]
+    assert [f.env for f in shown] == [None]
+    as_json = json.loads(run_check("--format", "json", str(path)).stdout)
+    assert [f["env"] for f in as_json["findings"] if f["code"] == "vllm-transformers-aimv2"] == [None]
+    assert run_check(str(path)).stdout.count("error[vllm-transformers-aimv2]") == 1
+
+
+def test_one_definition_of_a_token():
+    """The raw-text scan of `check` finds what the Secret-name rule rejects, and the reverse."""
+    from liftdeploy._tokens import is_token
+    from liftdeploy.checks import secret_values
+
+    def scanned(value: str) -> bool:
+        return any(d.code == "secret-value" for d in secret_values(Path("m.toml"), f'note = "{value}"'))
+
+    for token in ("hf_" + "a1B2c3D4e5" * 2, "sk-" + "x" * 16, "ghp_" + "A" * 20, "github_pat_" + "B" * 22,
+                  "ak-" + "c" * 16, "AKIA" + "D" * 16, "xoxb-" + "e" * 10):
+        assert is_token(token) and scanned(token), token
+    for name in ("huggingface", "lift-sys-api-token", "hf_short", "sk-abc"):
+        assert not is_token(name) and not scanned(name), name
+

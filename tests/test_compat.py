@@ -9,7 +9,7 @@ import pytest
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-from liftdeploy import compat
+from liftdeploy import compat, compat_sglang
 from liftdeploy.compat import Conflict, Finding, Release
 
 
@@ -246,9 +246,17 @@ def test_curated_conflicts_are_sourced_and_apply_to_known_releases() -> None:
     for c, when in entries:
         assert c.source.startswith("https://"), c.id
         assert c.severity in ("error", "warning")
-        assert "vllm" in when
-        assert any(when["vllm"].contains(r.version) for r in compat.releases()), c.id
         assert c.message and c.hint
+        # it applies to a known release of an engine: the engine is named in `when`, or its exact
+        # requirements (what an install gets, pinned or not) are; the other packages are pinned
+        hits = []
+        for kb in (compat.KB, compat_sglang.KB):
+            for rec in kb.records():
+                fixed = {**kb.implied_pins(rec, frozenset(rec.get("extras", {}))), kb.project: rec["version"]}
+                named = [p for p in when if p in fixed]
+                if named and all(spec.contains(fixed[p], prereleases=True) for p, spec in when.items() if p in named):
+                    hits.append(f"{kb.project}=={rec['version']}")
+        assert hits, c.id
 
 
 def test_best_version_avoids_conflicts() -> None:

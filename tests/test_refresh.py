@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
+from packaging.version import Version
 
 from liftdeploy import refresh as rf
 
@@ -184,7 +187,8 @@ def _fetcher(pages: dict[str, bytes], calls: list[str]):
 @pytest.mark.parametrize("advertise", [True, False])
 def test_refresh_pipeline_offline(tmp_path: Path, advertise: bool) -> None:
     meta = FIXTURE.read_bytes()
-    meta_060 = b"Name: vllm\nVersion: 0.6.0\nRequires-Python: >=3.8\nRequires-Dist: torch==2.4.0\nRequires-Dist: transformers>=4.43.2\n"
+    meta_060 = (b"Name: vllm\nVersion: 0.6.0\nRequires-Python: >=3.8\nRequires-Dist: torch==2.4.0\n"
+                b"Requires-Dist: transformers>=4.43.2\n")
     pages, calls = _fake_index({"0.9.2": meta, "0.6.0": meta_060}, advertise)
     out = tmp_path / "releases.json"
     doc = rf.refresh(out, index_url=INDEX, fetch=_fetcher(pages, calls), use_pip_fallback=False)
@@ -247,3 +251,89 @@ def test_refresh_live_index(tmp_path: Path) -> None:
     assert by["0.12.0"]["transformers"] == "<5,>=4.56.0"
     assert by["0.6.0"]["xgrammar"] == ""
     assert "4.53.0" in doc["known_versions"]["transformers"]
+
+
+# ------------------------------------------------------------------------ SGLang, with extras
+
+SGLANG_046 = Path(__file__).parent / "fixtures" / "sglang-0.4.6.post5.METADATA"
+SGLANG_053 = Path(__file__).parent / "fixtures" / "sglang-0.5.3.post1.METADATA"
+
+
+def test_sglang_0_5_3_post1_pins_the_seeds_stack() -> None:
+    rec = rf.record_from_metadata(SGLANG_053.read_text(), rf.SGLANG)
+    assert rec["requires_python"] == ">=3.10"
+    assert (rec["torch"], rec["transformers"], rec["xgrammar"], rec["flashinfer-python"]) == (
+        "==2.8.0", "==4.57.0", "==0.1.25", "==0.4.0",
+    )  # fmt: skip
+    assert rec["sgl-kernel"] == "==0.3.15" and rec["torch-memory-saver"] == "==0.0.9rc2"
+    assert "torch" in rec["requires"]
+    assert "all" in rec["provides_extras"] and "srt" not in rec["provides_extras"]
+    assert "extras" not in rec  # `all` adds only test and decord packages, none tracked
+
+
+def test_sglang_0_4_runtime_sits_behind_the_srt_extra() -> None:
+    rec = rf.record_from_metadata(SGLANG_046.read_text(), rf.SGLANG)
+    assert rec["torch"] == "" and rec["requires"] == []  # plain `sglang` installs no runtime
+    srt = rec["extras"]["srt"]  # srt pulls in runtime_common (transformers, xgrammar) itself
+    assert (srt["torch"], srt["transformers"], srt["xgrammar"], srt["flashinfer-python"]) == (
+        "==2.6.0", "==4.51.1", "==0.1.19", "==0.2.5",
+    )  # fmt: skip
+    assert "torch-memory-saver" not in srt
+    assert rec["extras"]["all"]["torch-memory-saver"] == ">=0.0.4"  # all -> srt + torch_memory_saver
+
+
+def test_extra_closure_follows_self_references() -> None:
+    meta = rf.parse_metadata(SGLANG_046.read_text())
+    env = rf.linux_x86_64_env("3.12")
+    assert rf.extra_closure(meta.requires_dist, "sglang", "srt", env) == {"srt", "runtime-common"}
+    assert {"srt", "runtime-common", "openai", "torch-memory-saver"} <= rf.extra_closure(
+        meta.requires_dist, "sglang", "all", env
+    )
+
+
+def test_vllm_records_are_unchanged_by_extras() -> None:
+    assert "provides_extras" not in rf.record_from_metadata(FIXTURE.read_text())
+
+
+def test_packaged_sglang_data_agrees_with_fixtures() -> None:
+    doc = json.loads((Path(rf.__file__).parent / "data" / "sglang_releases.json").read_text())
+    assert doc["project"] == "sglang" and doc["source"]["generator"] == "liftdeploy.refresh"
+    by = {r["version"]: r for r in doc["releases"]}
+    for fixture in (SGLANG_046, SGLANG_053):
+        rec = rf.record_from_metadata(fixture.read_text(), rf.SGLANG)
+        assert {k: by[rec["version"]][k] for k in rec} == rec
+    assert min(by, key=Version) == "0.4.0"
+
+
+def _wheel(tmp_path: Path, metadata: str, filler: int) -> Path:
+    path = tmp_path / "sglang-9.0.0-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as whl:
+        whl.writestr("sglang/big.bin", os.urandom(filler))  # incompressible: the wheel stays large
+        whl.writestr("sglang-9.0.0.dist-info/METADATA", metadata)
+        whl.writestr("sglang-9.0.0.dist-info/RECORD", "")
+    return path
+
+
+def test_wheel_metadata_by_range_requests(tmp_path: Path) -> None:
+    """With no PEP 658 file, METADATA comes from the wheel's central directory and one member."""
+    wheel = _wheel(tmp_path, "Name: sglang\nVersion: 9.0.0\nRequires-Dist: torch==2.8.0\n", 3 * 2**20)
+    fetched: list[tuple[str, str]] = []
+    inner = rf.default_fetch()
+
+    def fetch(url: str, headers: Mapping[str, str]) -> bytes:
+        fetched.append((url, headers.get("Range", "")))
+        return inner(url, headers)
+
+    file = {"filename": wheel.name, "url": wheel.as_uri(), "size": wheel.stat().st_size}
+    text = rf.wheel_metadata(file, fetch)
+    assert text is not None and "torch==2.8.0" in text
+    assert all(r.startswith("bytes=") for _, r in fetched) and len(fetched) <= 3
+    assert rf.wheel_metadata({**file, "size": None}, fetch) is None  # no size listed: pip's turn
+
+
+@pytest.mark.network
+def test_refresh_live_sglang(tmp_path: Path) -> None:
+    doc = rf.refresh(tmp_path / "sglang.json", project="sglang", versions=["0.4.6.post5", "0.5.3.post1"])
+    by = {r["version"]: r for r in doc["releases"]}
+    assert by["0.5.3.post1"]["torch"] == "==2.8.0" and by["0.5.3.post1"]["flashinfer-python"] == "==0.4.0"
+    assert by["0.4.6.post5"]["extras"]["srt"]["torch"] == "==2.6.0"

@@ -411,11 +411,13 @@ def test_check_fails_after_a_manifest_edit(project: Path) -> None:
     manifest = project / "deployments" / "qwen32b.toml"
     before = {p.name: p.read_bytes() for p in (project / "deployments").iterdir()}
     for env in (None, "dev"):
-        proc = cli_in_process("render", "deployments/qwen32b.toml", *(["--env", env] if env else []), "--check", cwd=project)
+        env_args = ["--env", env] if env else []
+        proc = cli_in_process("render", "deployments/qwen32b.toml", *env_args, "--check", cwd=project)
         assert proc.returncode == 0, proc.stderr
     manifest.write_text(manifest.read_text().replace("timeout = 600", "timeout = 660"))
     for env in (None, "dev"):  # a base edit reaches every env's module
-        proc = cli_in_process("render", "deployments/qwen32b.toml", *(["--env", env] if env else []), "--check", cwd=project)
+        env_args = ["--env", env] if env else []
+        proc = cli_in_process("render", "deployments/qwen32b.toml", *env_args, "--check", cwd=project)
         assert proc.returncode == 1
         assert proc.stdout == ""
         assert proc.stderr.startswith("error: deployments/qwen32b") and "differs from a fresh render" in proc.stderr
@@ -456,7 +458,8 @@ def test_out_dir_writes_there_and_only_there(project: Path, tmp_path: Path) -> N
     assert sorted(p.name for p in (project / "deployments").iterdir()) == before
     assert proc.stdout.strip().endswith(f"-> {out / 'qwen3_8b_prod.py'}")
     # --check against the same directory
-    assert cli_in_process("render", "deployments/qwen3-8b.toml", "-e", "prod", "-o", out, "--check", cwd=project).returncode == 0
+    checked = cli_in_process("render", "deployments/qwen3-8b.toml", "-e", "prod", "-o", out, "--check", cwd=project)
+    assert checked.returncode == 0
 
 
 def test_default_output_sits_beside_the_manifest_and_leaves_no_temp_files(project: Path) -> None:

@@ -38,6 +38,8 @@ from pydantic import BaseModel, ValidationError
 from liftdeploy import manifest as manifest_mod
 from liftdeploy.errors import ManifestError
 from liftdeploy.manifest import Loaded, Manifest, load
+from liftdeploy.manifest import _base as manifest_base
+from liftdeploy.manifest import loading as manifest_loading
 from liftdeploy.render import context, ident, py, render
 
 if sys.version_info >= (3, 11):
@@ -112,7 +114,8 @@ def _augmented(name: str) -> dict[str, Any]:
     # Any other string field of a section, written out with its default or documented example,
     # so that a field added later is fuzzed too (test_every_string_field_is_fuzzed checks).
     for section, field in Manifest.model_fields.items():
-        model = next((a for a in _alternatives(field.annotation) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        models = [a for a in _alternatives(field.annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+        model = models[0] if models else None
         if model is None or not isinstance(data.get(section), dict):
             continue
         for name, sub in model.model_fields.items():
@@ -294,7 +297,8 @@ def ast_shape(node: Any) -> str:
     fields = []
     for name, value in ast.iter_fields(node):
         if isinstance(node, ast.Dict) and name == "keys":
-            pairs = [f"{ast_shape(k) if k else '**'}:{ast_shape(v)}" for k, v in zip(node.keys, node.values, strict=True)]
+            pairs = [f"{ast_shape(k) if k else '**'}:{ast_shape(v)}"
+                     for k, v in zip(node.keys, node.values, strict=True)]
             fields.append(f"pairs=[{','.join(_runs(pairs))}]")
         elif isinstance(node, ast.Dict) and name == "values":
             continue
@@ -419,7 +423,7 @@ def check_rejection(exc: BaseException) -> None:
     for error in errors:
         assert isinstance(error["msg"], str) and error["msg"].strip(), error
         assert isinstance(error["loc"], tuple), error
-    problems = manifest_mod._problems(exc, Path("deployments/fuzz.toml"), "", None)
+    problems = manifest_loading.problems(exc, Path("deployments/fuzz.toml"), "", None)
     check_problems(problems)
 
 
@@ -597,26 +601,26 @@ def test_near_misses_of_validated_fields(data: st.DataObject) -> None:
 # Values built to pass each validator: the render must hold up for every accepted value, not
 # just the tidy ones (a label of digits, a 5 kB model id, a version with an epoch).
 VALID_PATTERNS: dict[tuple[str, ...], str] = {
-    ("app", "name"): manifest_mod._APP_NAME.pattern,
+    ("app", "name"): manifest_base.APP_NAME.pattern,
     ("model", "id"): r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?\Z",
     ("model", "revision"): r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,99}\Z",
     ("image", "base"): r"^[A-Za-z0-9][A-Za-z0-9._/:@-]*\Z",
-    ("image", "pins"): manifest_mod._VERSION.pattern,
-    ("image", "web_pins"): manifest_mod._VERSION.pattern,
-    ("image", "packages"): manifest_mod._PACKAGE.pattern[:-2] + "==" + manifest_mod._VERSION.pattern[1:],
-    ("volumes", "weights", "name"): manifest_mod._APP_NAME.pattern,
-    ("volumes", "compile_cache", "name"): manifest_mod._APP_NAME.pattern,
-    ("volumes", "weights", "mount"): manifest_mod._POSIX_PATH.pattern,
-    ("volumes", "compile_cache", "mount"): manifest_mod._POSIX_PATH.pattern,
-    ("endpoints", "label"): manifest_mod._LABEL.pattern,
-    ("secrets", "names"): manifest_mod._SECRET_NAME.pattern,
-    ("secrets", "bearer"): manifest_mod._SECRET_NAME.pattern,
+    ("image", "pins"): manifest_base.VERSION.pattern,
+    ("image", "web_pins"): manifest_base.VERSION.pattern,
+    ("image", "packages"): manifest_base.PACKAGE.pattern[:-2] + "==" + manifest_base.VERSION.pattern[1:],
+    ("volumes", "weights", "name"): manifest_base.APP_NAME.pattern,
+    ("volumes", "compile_cache", "name"): manifest_base.APP_NAME.pattern,
+    ("volumes", "weights", "mount"): manifest_base.POSIX_PATH.pattern,
+    ("volumes", "compile_cache", "mount"): manifest_base.POSIX_PATH.pattern,
+    ("endpoints", "label"): manifest_base.LABEL.pattern,
+    ("secrets", "names"): manifest_base.SECRET_NAME.pattern,
+    ("secrets", "bearer"): manifest_base.SECRET_NAME.pattern,
     ("cold_start", "keep_warm_schedule"): r"^\s*([0-9*/,-]+\s+){4}[0-9*/,-]+\s*\Z",
 }
 VALID_KEY_PATTERNS: dict[tuple[str, ...], str] = {
-    ("image", "pins"): manifest_mod._PACKAGE.pattern,
-    ("image", "web_pins"): manifest_mod._PACKAGE.pattern,
-    ("image", "env"): manifest_mod._ENV_VAR.pattern,
+    ("image", "pins"): manifest_base.PACKAGE.pattern,
+    ("image", "web_pins"): manifest_base.PACKAGE.pattern,
+    ("image", "env"): manifest_base.ENV_VAR.pattern,
 }
 
 
@@ -797,14 +801,15 @@ REJECTED = [
 ]
 
 
-@pytest.mark.parametrize("path,value,message", REJECTED, ids=[f"{'.'.join(map(str, p))}={v[:20]!r}" for p, v, _ in REJECTED])
+@pytest.mark.parametrize("path,value,message", REJECTED,
+                         ids=[f"{'.'.join(map(str, p))}={v[:20]!r}" for p, v, _ in REJECTED])
 def test_modal_would_reject(path: PathT, value: str, message: str) -> None:
     data = copy.deepcopy(BASES["qwen32b"])
     assert substitute(data, path, value)
     with pytest.raises(ValidationError) as info:
         Manifest.model_validate(data)
     check_rejection(info.value)
-    problems = manifest_mod._problems(info.value, Path("deployments/x.toml"), "", None)
+    problems = manifest_loading.problems(info.value, Path("deployments/x.toml"), "", None)
     assert any(message in p.message for p in problems), [p.message for p in problems]
     assert any(p.hint for p in problems), "a rejection says how to fix it"
     assert all(p.path.startswith(path[0]) for p in problems), [p.path for p in problems]  # names the section
@@ -815,6 +820,6 @@ def test_error_messages_escape_control_characters() -> None:
     data["app"]["name"] = "evil\nhint: run `rm -rf ~`\x1b[2J"
     with pytest.raises(ValidationError) as info:
         Manifest.model_validate(data)
-    (problem,) = manifest_mod._problems(info.value, Path("deployments/x.toml"), "", None)
+    (problem,) = manifest_loading.problems(info.value, Path("deployments/x.toml"), "", None)
     text = problem.render()
     assert text.count("\n") == 1 and "\x1b" not in text and "\\n" in text, text

@@ -60,3 +60,35 @@ def test_missing_uv_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_find_uv() -> None:
     assert rs.find_uv()
+
+
+# ---------------------------------------------------------------------------------- SGLang
+
+
+@pytest.mark.network
+def test_sglang_seeds_release_does_not_resolve_and_says_why() -> None:
+    """The seeds' `sglang[all]>=0.5.3.post1` at its floor: uv refuses the yanked transformers
+    it pins exactly (what `check` says offline as `required-release-yanked`)."""
+    result = rs.resolve(["sglang[all]==0.5.3.post1"], python_version="3.12")
+    assert not result.ok
+    assert "transformers==4.57.0 was yanked" in result.output
+    pinned = rs.resolve(["sglang[all]==0.5.3.post1", "transformers==4.57.0"], python_version="3.12")
+    assert not pinned.ok  # then flashinfer-python 0.4.0's vanished apache-tvm-ffi pre-release
+    assert "apache-tvm-ffi==0.1.0b15" in pinned.output
+
+
+@pytest.mark.network
+def test_sglang_0_5_4_post3_resolves_to_the_knowledge_base_pins() -> None:
+    result = rs.resolve(["sglang==0.5.4.post3"], python_version="3.12")
+    assert result.ok, result.output
+    lines = result.output.splitlines()
+    for pin in ("torch==2.8.0", "transformers==4.57.1", "xgrammar==0.1.25", "flashinfer-python==0.5.0"):
+        assert pin in lines
+
+
+@pytest.mark.network
+def test_sglang_manylinux_2_34_wheels_resolve_for_the_container() -> None:
+    result = rs.resolve(["sglang==0.5.23"], python_version="3.12")
+    assert result.ok, result.output
+    refused = rs.resolve(["sglang==0.5.23"], python_version="3.12", platform="x86_64-manylinux_2_28")
+    assert not refused.ok and "manylinux_2_28" in refused.output

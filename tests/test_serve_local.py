@@ -41,7 +41,8 @@ SCHEMAS = {
     },
     "optional-fields": {
         "type": "object",
-        "properties": {"id": {"type": "integer", "minimum": 1, "maximum": 99}, "note": SHORT, "extra": {"type": "boolean"}},
+        "properties": {"id": {"type": "integer", "minimum": 1, "maximum": 99}, "note": SHORT,
+                       "extra": {"type": "boolean"}},
         "required": ["id"],
         "additionalProperties": False,
     },

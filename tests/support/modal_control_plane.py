@@ -7,7 +7,8 @@ package (``modal_proto.api_grpc.ModalClientBase``) on 127.0.0.1, so ``modal depl
 
 Every request is recorded as ``(method_name, decoded protobuf message)`` so that tests can
 assert what Modal would have received, and any RPC can be made to fail with a chosen gRPC
-status (:meth:`ModalControlPlane.fail`), or wait first (:meth:`ModalControlPlane.delay`).  Every RPC of the service is routed: the ones below
+status (:meth:`ModalControlPlane.fail`), or wait first (:meth:`ModalControlPlane.delay`).  Every RPC of
+the service is routed: the ones below
 have behaviour, all others answer ``UNIMPLEMENTED`` naming the method, so a gap is obvious.
 
 Served RPCs (what ``modal deploy`` / ``App.deploy()`` / ``modal app stop`` call):

@@ -1,0 +1,121 @@
+"""The manifest: every section, and the rules across sections."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Any
+
+from pydantic import ConfigDict, Field, field_validator, model_validator
+
+from .. import sizing
+from ..compat import default_backend
+from ._base import LABEL, Section, invalid
+from .image import ImageSection, VolumesSection
+from .serving import (
+    Auth,
+    ColdStartSection,
+    ConcurrencySection,
+    DecodingSection,
+    Endpoint,
+    EndpointKind,
+    ScalingSection,
+    SecretsSection,
+)
+from .workload import AppSection, ComputeSection, GpuSpec, ModelSection
+
+# ## The manifest
+
+
+class Manifest(Section):
+    """A deployment: the model, where it runs, how it scales and what it serves."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, title="liftdeploy manifest")
+
+    app: AppSection
+    model: ModelSection
+    compute: ComputeSection
+    image: ImageSection
+    volumes: VolumesSection = VolumesSection()
+    scaling: ScalingSection = ScalingSection()
+    concurrency: ConcurrencySection = ConcurrencySection()
+    cold_start: ColdStartSection = ColdStartSection()
+    decoding: DecodingSection = DecodingSection()
+    endpoints: list[Endpoint] = Field(
+        default_factory=lambda: [Endpoint(kind=k) for k in ("health", "warmup", "generate")],
+        description="What the app serves; each label is its own URL.",
+    )
+    secrets: SecretsSection = SecretsSection()
+    env: dict[str, dict[str, Any]] = Field(
+        {}, description="Overlays deep-merged over the base by `--env NAME` (e.g. dev, prod).",
+    )
+
+    @field_validator("endpoints")
+    @classmethod
+    def _unique_labels(cls, endpoints: list[Endpoint]) -> list[Endpoint]:
+        seen: dict[str, int] = {}
+        for i, ep in enumerate(endpoints):
+            if ep.label in seen:
+                raise invalid(f"label `{ep.label}` is used by endpoints[{seen[ep.label]}] and endpoints[{i}]",
+                              "each endpoint needs its own label (its own URL)", (i, "label"))
+            seen[ep.label] = i
+        if not endpoints:
+            raise invalid("no endpoints", 'add `[[endpoints]]` with `kind = "generate"`')
+        return endpoints
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, env: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for name in env:
+            if not LABEL.match(name):
+                raise invalid(f"`{name}` is not a valid env name", "lowercase letters, digits and `-`", (name,))
+        return env
+
+    @model_validator(mode="after")
+    def _across_sections(self) -> Manifest:
+        bearer = [(i, ep.label) for i, ep in enumerate(self.endpoints) if ep.auth is Auth.bearer]
+        if bearer and not self.secrets.bearer:
+            raise invalid(f"endpoint `{bearer[0][1]}` uses bearer auth but no secret holds the token",
+                          'set `secrets.bearer = "NAME"` of a Modal Secret with LIFTDEPLOY_API_TOKEN',
+                          ("endpoints", bearer[0][0], "auth"))
+        if self.cold_start.compile_cache and self.volumes.compile_cache is None:
+            raise invalid("cold_start.compile_cache needs a volume",
+                          'add `[volumes.compile_cache]` with `name` and `mount = "/root/.cache/vllm"`,'
+                          " or set `cold_start.compile_cache = false`", ("cold_start", "compile_cache"))
+        if any(ep.kind is EndpointKind.generate or ep.kind is EndpointKind.openai for ep in self.endpoints) is False:
+            raise invalid("nothing serves the model", 'add an endpoint with `kind = "generate"` or `"openai"`',
+                          ("endpoints",))
+        count = self.model.tensor_parallel_size
+        for i, spec in enumerate(self.compute.gpu):
+            if not spec.is_any and spec.count < count:
+                raise invalid(f"tensor_parallel_size is {count} but `{spec}` has {spec.count} GPU(s)",
+                              f'write `"{spec.type}:{count}"`', ("compute", "gpu", i))
+        return self
+
+    # ## Derived values used by checks, plan and render
+
+    @cached_property
+    def gpus(self) -> tuple[GpuSpec, ...]:
+        """The fallback chain with `any` expanded to every other GPU that fits, cheapest first;
+        each entry carries its catalog entry. Computed once."""
+        named = tuple(g for g in self.compute.gpu if not g.is_any)
+        if len(named) == len(self.compute.gpu):
+            return named
+        count = self.model.tensor_parallel_size
+        others = sizing.gpus_that_fit(self.model, count, exclude={g.type for g in named})
+        return named + tuple(GpuSpec.of(gpu, count) for gpu in others)
+
+    def gpu_chain(self) -> list[str]:
+        """The expanded chain as Modal's `gpu=` strings."""
+        return [str(g) for g in self.gpus]
+
+    @property
+    def backend(self) -> str:
+        """The structured-output backend the engine runs: the manifest's, or the pinned vLLM's default."""
+        return self.decoding.backend or default_backend(self.image.vllm)
+
+
+def json_schema() -> dict[str, Any]:
+    """The manifest's JSON Schema, for editors (Taplo / Even Better TOML)."""
+    schema = Manifest.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    return schema
