@@ -1,8 +1,8 @@
 # Rendered by liftdeploy 0.1.0 from "deployments/qwen32b.toml", env "dev"; edit the manifest, not this file.
-# manifest sha256: 07d523f3b002641c8a0719972f06b62b985f84f543a5c7be01f379c9bbee9770
+# manifest sha256: 6410eaf92058ff1ed5765af1ffa140558f40012c8475c0f114b603cc2c938763
 # re-render: liftdeploy render "deployments/qwen32b.toml" --env "dev"
 """Schema-constrained JSON generation on Modal: vLLM serves the model and its structured-output
-backend (xgrammar) constrains every token to the JSON schema sent with each request.
+backend (guidance) constrains every token to the JSON schema sent with each request.
 
 The first half is this deployment: model, images, weights, configuration and the Modal functions.
 The second half is the serving runtime, the same in every liftdeploy module: request validation,
@@ -88,11 +88,11 @@ ENGINE_ARGS = {
     "gpu_memory_utilization": 0.9,
     "trust_remote_code": False,
     "download_dir": "/models/hub",
-    "guided_decoding_backend": "xgrammar",
+    "guided_decoding_backend": "guidance",
     "guided_decoding_disable_any_whitespace": True,
 }
 # The structured-output backend the engine runs (one per engine: vLLM compiles every grammar with it).
-BACKEND = "xgrammar"
+BACKEND = "guidance"
 COMPACT_JSON = True  # no free whitespace between JSON tokens
 CHAT_TEMPLATE_KWARGS = {}
 DEFAULT_MAX_TOKENS = 2048

@@ -221,8 +221,11 @@ class StubEngine:
     def __init__(self, text: str = '{"ok": true}') -> None:
         self.text = text
 
-    def check_schema(self, schema: dict) -> None:
-        pass
+    def prepare(self, schema: dict) -> dict:
+        return schema
+
+    def running(self) -> int:
+        return 0
 
     async def generate(self, messages, schema, **kwargs) -> dict:
         return {"text": self.text, "prompt_tokens": 1, "completion_tokens": 1, "finish_reason": "stop"}

