@@ -275,26 +275,57 @@ def xgrammar_safe(schema: dict[str, Any]) -> dict[str, Any]:
     return each_subschema(schema, bounded_as_pattern)
 
 
-def guidance_lenient(schema: dict[str, Any]) -> dict[str, Any]:
-    """`schema` for llguidance when only vLLM's XGrammar validator takes it as it is: property
-    dependencies become the `anyOf` they mean, `{"not": {}}` becomes `false`, and llguidance then
-    ignores what it still cannot enforce (as XGrammar would) and reads `oneOf` as `anyOf`. Every
-    finished output is validated against the schema itself (`schema_problem`)."""
+def guidance_schema(schema: dict[str, Any], *, lenient: bool = False) -> dict[str, Any]:
+    """`schema` for llguidance. Objects that list their properties are closed (no properties they
+    do not declare), as XGrammar's strict mode closes them: the same output whichever backend runs.
 
-    def enforceable(node: dict[str, Any]) -> Any:
-        if node.get("not") == {}:
+    `lenient` is for a schema only vLLM's XGrammar validator takes as it is: property dependencies
+    become the `anyOf` they mean, `{"not": {}}` becomes `false`, and llguidance then ignores what it
+    still cannot enforce (as XGrammar would) and reads `oneOf` as `anyOf`. Every finished output is
+    validated against the schema itself (`schema_problem`), and sampled again if it breaks it."""
+
+    def rewrite(node: dict[str, Any]) -> Any:
+        if lenient and node.get("not") == {}:
             return False  # nothing matches it
         clauses = []
-        for key in ("dependencies", "dependentRequired", "dependentSchemas"):
+        for key in ("dependencies", "dependentRequired", "dependentSchemas") if lenient else ():
             for name, needs in (node.pop(key) if isinstance(node.get(key), dict) else {}).items():
                 then = {"required": [name, *needs]} if isinstance(needs, list) else {"allOf": [{"required": [name]}, needs]}
                 clauses.append({"anyOf": [{"properties": {name: False}}, then]})
         if clauses:
             node["allOf"] = [*node.get("allOf", []), *clauses]
+        if "additionalProperties" not in node and ("properties" in node or "patternProperties" in node):
+            node["additionalProperties"] = False
         return node
 
-    rewritten = each_subschema(schema, enforceable)
-    return {**rewritten, "x-guidance": {"lenient": True, "coerce_one_of": True}}
+    rewritten = each_subschema(schema, rewrite)
+    if rewritten is False:
+        raise ValueError("the schema admits no JSON value (`not: {}`)")
+    return {**rewritten, "x-guidance": {"lenient": True, "coerce_one_of": True}} if lenient else rewritten
+
+
+CHARS_PER_TOKEN = 64  # more than the longest token of any real vocabulary
+
+
+def within_budget(schema: dict[str, Any]) -> dict[str, Any]:
+    """`schema` as the engine is given it: a size no output of MAX_TOKENS_LIMIT tokens can reach is
+    refused when it is a minimum (ValueError) and capped when it is a maximum. Neither changes what
+    an output can be, and a backend would otherwise build it out: llguidance runs out of memory on
+    `minItems: 1e9`, taking the container down with it."""
+    limits = {"Items": MAX_TOKENS_LIMIT, "Properties": MAX_TOKENS_LIMIT, "Contains": MAX_TOKENS_LIMIT,
+              "Length": MAX_TOKENS_LIMIT * CHARS_PER_TOKEN}
+
+    def fit(node: dict[str, Any]) -> dict[str, Any]:
+        for noun, limit in limits.items():
+            low, high = node.get("min" + noun), node.get("max" + noun)
+            if isinstance(low, (int, float)) and not isinstance(low, bool) and low > limit:
+                raise ValueError(f"min{noun} {low} cannot be reached within {MAX_TOKENS_LIMIT} tokens "
+                                 "(decoding.max_tokens_limit)")
+            if isinstance(high, (int, float)) and not isinstance(high, bool) and high > limit:
+                node["max" + noun] = limit
+        return node
+
+    return each_subschema(schema, fit)
 
 
 def schema_problem(output: Any, schema: dict[str, Any]) -> str | None:
@@ -331,7 +362,7 @@ class SchemaGate:
     def _prepared(self, key: str, schema: dict[str, Any]) -> Any:
         try:
             try:
-                prepared = self._prepare(schema)
+                prepared = self._prepare(within_budget(schema))
             except ValueError as exc:  # a refusal is remembered too: the same schema is refused again
                 prepared = exc
             with self._lock:
@@ -459,7 +490,7 @@ class VLLMEngine:
         engine's backend; ValueError with vLLM's reason when the engine cannot take it.
 
         One backend serves every request, so the pre-check decides what it is given: a schema that
-        only XGrammar's validator accepts is served by llguidance leniently (what XGrammar would do);
+        only XGrammar's validator accepts is served by llguidance leniently (`guidance_schema`);
         with XGrammar, bounded strings are rewritten (`xgrammar_safe`)."""
         import jsonschema
         from vllm.v1.structured_output.backend_guidance import validate_guidance_grammar
@@ -482,9 +513,10 @@ class VLLMEngine:
             return None
 
         if BACKEND == "guidance":
-            constrained, why = schema, refused(validate_guidance_grammar, schema, tokenizer=backend.ll_tokenizer)
+            constrained = guidance_schema(schema)
+            why = refused(validate_guidance_grammar, constrained, tokenizer=backend.ll_tokenizer)
             if why is not None and refused(validate_xgrammar_grammar, schema) is None:
-                constrained = guidance_lenient(schema)
+                constrained = guidance_schema(schema, lenient=True)
                 why = refused(validate_guidance_grammar, constrained, tokenizer=backend.ll_tokenizer)
         else:
             constrained = xgrammar_safe(schema)
@@ -495,9 +527,12 @@ class VLLMEngine:
             grammar = backend.compile_grammar(StructuredOutputOptions.JSON, json.dumps(constrained))
         except Exception as exc:
             raise ValueError(f"{BACKEND} cannot compile the schema: {str(exc).splitlines()[0][:400]}") from None
+        first = backend.allocate_token_bitmask(1)  # the engine's first step: which tokens may start
+        grammar.fill_bitmask(first, 0)
         matcher = getattr(grammar, "ll_matcher", None)  # llguidance reports errors instead of raising
-        if matcher is not None and matcher.get_error():
-            raise ValueError(f"guidance cannot compile the schema: {matcher.get_error()[:400]}")
+        if (matcher is not None and matcher.get_error()) or not first.any():
+            why = f" ({matcher.get_error().splitlines()[0][:200]})" if matcher is not None and matcher.get_error() else ""
+            raise ValueError(f"the schema admits no JSON value{why}")
         return constrained
 
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
@@ -526,6 +561,8 @@ class VLLMEngine:
                 raise ValueError(str(exc).splitlines()[0][:500]) from None
             raise
         completion = final.outputs[0]
+        if completion.finish_reason == "error":  # vLLM's grammar rejected a token its own mask allowed
+            raise ValueError("the grammar rejected a token its own mask allowed: the schema cannot be followed")
         if completion.finish_reason not in ("stop", "length"):  # "abort": vLLM ended it, not the model
             raise Busy(f"generation ended with {completion.finish_reason!r}")
         return {
@@ -704,12 +741,19 @@ def warmup_app(engine: Any, auth: str):
 
 def verdict(result: dict[str, Any], schema: dict[str, Any], max_tokens: int) -> tuple[Any, str | None]:
     """(the parsed output, None) when it is complete; (None or the value, why not) otherwise."""
+    from fastapi import HTTPException
+
     if result["finish_reason"] == "length":
         return None, f"cut by max_tokens ({max_tokens}) before the JSON was finished"
     try:
+        json.loads(result["text"])
+    except ValueError:  # the grammar let the model stop mid-document: a dead end of the schema
+        raise HTTPException(400, detail="schema cannot be used for constrained decoding: it admits no complete "
+                                        f"JSON value after {result['text'][-80:]!r}") from None
+    try:
         parsed = json.loads(result["text"], parse_float=_finite_float)
-    except ValueError as exc:  # not JSON, or a number Python cannot hold (1e999, 5000 digits)
-        return None, f"not JSON: {str(exc)[:200]}"
+    except ValueError as exc:  # a number Python cannot hold (1e999, 5000 digits)
+        return None, f"not a JSON value this API can return: {str(exc)[:200]}"
     return parsed, schema_problem(parsed, schema)
 
 
