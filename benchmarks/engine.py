@@ -180,8 +180,8 @@ def main() -> None:
             log = Path(tmp) / f"{config}.log"
             started = time.perf_counter()
             process, url = start(manifest_for(backend, whitespace, Path(tmp)), log)
-            result = {"backend": backend, "whitespace": whitespace, "startup_s": round(time.perf_counter() - started, 1),
-                      "levels": []}
+            startup = round(time.perf_counter() - started, 1)
+            result = {"backend": backend, "whitespace": whitespace, "startup_s": startup, "levels": []}
             try:
                 for concurrency in (int(c) for c in args.concurrency.split(",")):
                     n = max(args.requests, concurrency)

@@ -290,7 +290,8 @@ def guidance_schema(schema: dict[str, Any], *, lenient: bool = False) -> dict[st
         clauses = []
         for key in ("dependencies", "dependentRequired", "dependentSchemas") if lenient else ():
             for name, needs in (node.pop(key) if isinstance(node.get(key), dict) else {}).items():
-                then = {"required": [name, *needs]} if isinstance(needs, list) else {"allOf": [{"required": [name]}, needs]}
+                required = {"required": [name, *needs]} if isinstance(needs, list) else None
+                then = required or {"allOf": [{"required": [name]}, needs]}
                 clauses.append({"anyOf": [{"properties": {name: False}}, then]})
         if clauses:
             node["allOf"] = [*node.get("allOf", []), *clauses]
@@ -530,8 +531,9 @@ class VLLMEngine:
         first = backend.allocate_token_bitmask(1)  # the engine's first step: which tokens may start
         grammar.fill_bitmask(first, 0)
         matcher = getattr(grammar, "ll_matcher", None)  # llguidance reports errors instead of raising
-        if (matcher is not None and matcher.get_error()) or not first.any():
-            why = f" ({matcher.get_error().splitlines()[0][:200]})" if matcher is not None and matcher.get_error() else ""
+        error = matcher.get_error() if matcher is not None else ""
+        if error or not first.any():
+            why = f" ({error.splitlines()[0][:200]})" if error else ""
             raise ValueError(f"the schema admits no JSON value{why}")
         return constrained
 
@@ -659,7 +661,10 @@ def base_app(kind: str, auth: str):
         # is not UTF-8 (sent as text/plain, say) gets replacement characters, NaN or Infinity (which
         # Python's JSON parser accepts, but JSON cannot carry) are echoed as strings, and an input too
         # deep for a recursive encoder is left out.
-        encoders = {bytes: lambda raw: raw.decode("utf-8", "replace"), float: lambda x: x if math.isfinite(x) else str(x)}
+        encoders = {
+            bytes: lambda raw: raw.decode("utf-8", "replace"),
+            float: lambda x: x if math.isfinite(x) else str(x),
+        }
         try:
             return JSONResponse({"detail": jsonable_encoder(exc.errors(), custom_encoder=encoders)}, status_code=422)
         except RecursionError:  # an input nested too deep to echo: the errors without it

@@ -6,6 +6,7 @@ Modal's list prices in USD per GPU-hour, read 2025-10, for estimates only.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 
@@ -53,8 +54,15 @@ def find_gpu(name: str) -> Gpu | None:
 
 @dataclass(frozen=True)
 class KnownModel:
-    params_b: float  # parameters, in billions
+    params_b: float  # parameters, in billions: all of them, every expert of a mixture of experts
     family: str  # architecture family (Hugging Face `model_type`)
+    active_b: float | None = None  # a mixture of experts: parameters used per token
+
+
+def moe_sizes(model_id: str) -> tuple[float, float] | None:
+    """`(total, active)` billions from a mixture-of-experts name such as `Qwen3-Coder-30B-A3B`."""
+    match = re.search(r"(\d+(?:\.\d+)?)B-A(\d+(?:\.\d+)?)B", model_id, re.IGNORECASE)
+    return (float(match.group(1)), float(match.group(2))) if match else None
 
 
 # A few common models so users need not state their size; anything else can set
@@ -68,7 +76,7 @@ MODELS: dict[str, KnownModel] = {
     "Qwen/Qwen2.5-72B-Instruct": KnownModel(72.7, "qwen2"),
     "Qwen/Qwen3-8B": KnownModel(8.2, "qwen3"),
     "Qwen/Qwen3-32B": KnownModel(32.8, "qwen3"),
-    "Qwen/Qwen3-Coder-30B-A3B-Instruct": KnownModel(30.5, "qwen3_moe"),
+    "Qwen/Qwen3-Coder-30B-A3B-Instruct": KnownModel(30.5, "qwen3_moe", active_b=3.3),
     "meta-llama/Llama-3.1-8B-Instruct": KnownModel(8.0, "llama"),
     "meta-llama/Llama-3.3-70B-Instruct": KnownModel(70.6, "llama"),
     "mistralai/Mistral-7B-Instruct-v0.3": KnownModel(7.2, "mistral"),

@@ -58,7 +58,12 @@ def _resolved(requirements: tuple[str, ...], python: str) -> Any:
 def resolve_findings(loaded: Loaded) -> Iterator[Diagnostic]:
     m = loaded.manifest
     result = _resolved(tuple(m.image.requirements()), m.image.python)
-    if not result.ok:
+    if not result.checked:
+        yield error(loaded, "resolve-unchecked", "image.pins",
+                    f"the pins were not resolved: {result.output.strip().splitlines()[0]}",
+                    "re-run `liftdeploy check --resolve` once the package index answers; "
+                    "uv's own settings (UV_INDEX_URL, ...) choose the index")
+    elif not result.ok:
         first = result.output.strip().splitlines()
         yield error(loaded, "resolve", "image.pins",
                     f"the pins do not resolve for linux x86_64, Python {m.image.python}: "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -60,12 +61,28 @@ def reports_errors(command: F) -> F:
         except Exception as exc:
             if os.environ.get("LIFTDEPLOY_DEBUG"):
                 raise
+            extra = _extra_missing(exc)
+            if extra:
+                fail(LiftdeployError(f"`{extra[0]}` is not installed: it comes with liftdeploy's `{extra[1]}` extra",
+                                     f"pip install 'liftdeploy[{extra[1]}]'"))
             typer.echo(f"error: internal error: {type(exc).__name__}: {exc}", err=True)
             typer.echo("hint: this is a liftdeploy bug; rerun with LIFTDEPLOY_DEBUG=1 and report the traceback",
                        err=True)
             raise typer.Exit(70) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _extra_missing(exc: Exception) -> tuple[str, str] | None:
+    """(package, extra) when `exc` is a missing package of an optional extra: an install to make.
+    Any other missing module is a core dependency left undeclared, a liftdeploy bug."""
+    if not isinstance(exc, ModuleNotFoundError) or not exc.name:
+        return None
+    from .installed import extra_of
+
+    name = exc.name.split(".")[0]
+    extra = extra_of(name)
+    return (name, extra) if extra else None
 
 
 @app.command()
@@ -84,13 +101,16 @@ def validate(
                 load(file, env)
                 names = [env]
             else:
-                names = ["(base)", *(str(loaded.env) for loaded in load_targets(file).envs)]
+                names = ["base", *(str(loaded.env) for loaded in load_targets(file).envs)]
         except ManifestError as error:
             problems.extend(error.problems)
             continue
         typer.echo(f"ok: {file} ({', '.join(names)})")
     if problems:
         raise ManifestError(problems)
+    # the form only: a 32B model on a T4 is a valid manifest, and `check` is what says it does not fit
+    typer.echo(f"hint: validate reads the manifest's form; `liftdeploy check {' '.join(map(str, files))}` also checks "
+               "GPU memory fit, pins and Modal's rules", err=True)
 
 
 @app.command()
@@ -171,6 +191,11 @@ def check(
 
     if fmt not in ("text", "json", "github"):
         raise UsageError(f"unknown format `{fmt}`", "use text, json or github")
+    if resolve:
+        from .resolve import UV_HINT, UV_MISSING, find_uv
+
+        if find_uv() is None:
+            raise UsageError(f"--resolve needs uv: {UV_MISSING}", UV_HINT)
     report = run_checks(paths or [Path("deployments")], resolve=resolve)
     output = report.format(fmt)
     if output:
@@ -282,13 +307,18 @@ def serve(
     if engine not in ENGINES:
         raise UsageError(f"unknown engine `{engine}`", f"use one of: {', '.join(ENGINES)}")
     module = import_rendered(loaded)
-    served = local_engine(loaded, module, engine, model_path)
+    served = local_engine(loaded, module, engine, model_path)  # names the extra to install when one is missing
+    router = build(loaded, served, module=module)
+    server = LocalServer(router, port=port, log_level="info")  # takes the port now, before the model loads
+    if str(loaded.manifest.engine.kind) == "sglang":
+        typer.echo(f"engine: transformers + XGrammar on this CPU stand in for SGLang {loaded.manifest.engine_version} "
+                   "(SGLang's server needs a CUDA GPU); the endpoints, validation and auth are the module's own",
+                   err=True)
     what = "the smoke model" if model_path is None else str(model_path)
     typer.echo(f"loading {what} on the CPU with the {engine} engine ...", err=True)
     served.start()
-    try:
-        router = build(loaded, served, module=module)
-        with LocalServer(router, port=port, log_level="info") as server:
+    try:  # Ctrl-C (or SIGINT) from here on stops the server; it is how `serve --local` ends
+        with server:
             typer.echo(f"serving {loaded.label} at {server.url} (model: {served.name}, engine: {engine})", err=True)
             for ep in router.index.values():
                 typer.echo(f"  {ep['kind']:<9} {server.url}{ep['path']}  auth={ep['auth']}", err=True)
@@ -296,12 +326,11 @@ def serve(
             if creds.token:
                 typer.echo(f"  export LIFTDEPLOY_API_TOKEN={creds.token}", err=True)
             if creds.proxy_key:
-                typer.echo(f"  export LIFTDEPLOY_PROXY_KEY={creds.proxy_key} LIFTDEPLOY_PROXY_SECRET={creds.proxy_secret}",
-                           err=True)
-            try:
-                server.thread.join()
-            except KeyboardInterrupt:
-                typer.echo("stopping", err=True)
+                typer.echo(f"  export LIFTDEPLOY_PROXY_KEY={creds.proxy_key} "
+                           f"LIFTDEPLOY_PROXY_SECRET={creds.proxy_secret}", err=True)
+            server.thread.join()
+    except KeyboardInterrupt:
+        typer.echo("stopping", err=True)
     finally:
         served.stop()
 
@@ -380,6 +409,12 @@ def bench(
 
 
 def main() -> None:
+    # A process started with SIGINT ignored (`cmd &` in a script, nohup in some shells, some CI
+    # runners) keeps it ignored: Python installs its Ctrl-C handler only over the default. Every
+    # command here stops cleanly on SIGINT (exit 130, nothing half-written), and `serve --local`
+    # has no other clean way to stop, so SIGINT interrupts liftdeploy however it was started.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     app()
 
 

@@ -108,10 +108,11 @@ class Endpoints:
 
     @classmethod
     def modal(cls, workspace: str, environment: str, endpoints: Iterable[EndpointLike]) -> Endpoints:
-        """Modal's URL scheme: `https://<workspace>[-<env>]--<label>.modal.run`."""
-        prefix = workspace if environment == "main" else f"{workspace}-{environment}"
+        """Modal's URLs (`urls.modal_url`) for a deployed app."""
+        from .urls import modal_urls
+
         endpoints = list(endpoints)
-        return cls.at({ep.label: f"https://{prefix}--{ep.label}.modal.run" for ep in endpoints}, endpoints)
+        return cls.at(modal_urls(workspace, environment, endpoints), endpoints)
 
     @staticmethod
     def kinds(endpoints: Iterable[EndpointLike]) -> dict[str, str]:
@@ -195,9 +196,16 @@ class _Base:
         return cls(Endpoints.modal(m.app.workspace, m.app.environment, m.endpoints), kinds, **kwargs)
 
     @classmethod
-    def for_url(cls, base_url: str, endpoints: list[dict[str, str]] | None = None, **kwargs: Any):
+    def for_url(cls, base_url: str, endpoints: list[dict[str, str]] | None = None, *, auth: str = "auto",
+                **kwargs: Any):
+        """A server with every endpoint under `<base_url>/<label>`, as `serve --local` runs them.
+
+        The endpoints and the auth each one requires are read from the server's index (`GET /`).
+        A server that lists none (not up yet, or not liftdeploy's) gets the default labels, and
+        `auth` for each: `none`, `proxy`, `bearer`, or `auto` (the default) for whichever
+        credentials are configured."""
         routes = ([Route(ep["kind"], ep["label"], ep["auth"]) for ep in endpoints] if endpoints
-                  else [Route(k, k) for k in ("health", "warmup", "generate")])
+                  else listed_routes(base_url) or [Route(k, k, auth) for k in ("health", "warmup", "generate")])
         return cls(Endpoints.local(base_url, routes), Endpoints.kinds(routes), **kwargs)
 
     def _exchange(self, kind: str, method: str, body: Any, read_timeout: float | None):
@@ -228,9 +236,9 @@ class _Base:
         label = self.endpoints.label(kind, self.kinds)
         headers = {"Accept": "application/json"}
         auth = self.endpoints.auth.get(label, "none")
-        if auth == "bearer" and self.token:
+        if auth in ("bearer", "auto") and self.token:
             headers["Authorization"] = f"Bearer {self.token}"
-        if auth == "proxy" and self.proxy_auth:
+        if auth in ("proxy", "auto") and self.proxy_auth:
             headers["Modal-Key"], headers["Modal-Secret"] = self.proxy_auth
         read = read_timeout or (self.timeouts.read if self.warm else self.timeouts.cold_read)
         return {"label": label, "method": method, "url": self.endpoints.urls[label], "headers": headers,
@@ -265,6 +273,20 @@ class _Base:
     def _gave_up(self, req: dict[str, Any], last: str) -> ClientError:
         return ClientError(f"{req['label']} did not answer after {self.retries + 1} attempts: {last}",
                            hint="the model may still be loading; try `liftdeploy warmup` first")
+
+
+def listed_routes(base_url: str) -> list[Route] | None:
+    """The endpoints a local server lists at its root; None if it lists none."""
+    try:
+        index = httpx.get(base_url.rstrip("/") + "/", timeout=5.0).json().get("endpoints")
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return None
+    if not isinstance(index, dict):
+        return None
+    try:
+        return [Route(ep["kind"], label, ep["auth"]) for label, ep in index.items()]
+    except (KeyError, TypeError):
+        return None
 
 
 def _short(detail: Any) -> str:

@@ -32,6 +32,7 @@ __all__ = [
     "api_family",
     "best_version",
     "conflicts",
+    "engine_pin_findings",
     "known_versions",
     "newest",
     "pin_findings",
@@ -199,7 +200,7 @@ XGRAMMAR_BOUNDED_STRINGS_CHECKED_TO = Version("0.2.9")
 
 def xgrammar_version(pins: dict[str, str], vllm_version: str) -> str | None:
     """The xgrammar the image gets: the manifest's pin, or the one the vLLM release pins exactly."""
-    pinned = {canonicalize_name(name.split("[")[0]): v for name, v in pins.items()}
+    pinned: dict[str, str] = {canonicalize_name(name.split("[")[0]): v for name, v in pins.items()}
     if "xgrammar" in pinned:
         return pinned["xgrammar"]
     rel = release(vllm_version)
@@ -237,6 +238,15 @@ def _xgrammar_backend(record: dict[str, Any], pins: Pins) -> list[Finding]:
             severity="warning",
         )
     ]
+
+
+def engine_pin_findings(engine: str, pins: dict[str, str], python_version: str) -> list[Finding]:
+    """The pin checks of the manifest's engine (`vllm` or `sglang`); pin names may carry extras."""
+    if engine == "sglang":
+        from .compat_sglang import pin_findings as sglang_pin_findings
+
+        return sglang_pin_findings(pins, python_version)
+    return pin_findings(pins, python_version)
 
 
 def pin_findings(pins: dict[str, str], python_version: str) -> list[Finding]:

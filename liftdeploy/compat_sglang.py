@@ -42,6 +42,8 @@ class Feature:
     since: str
     """First release that has it."""
     what: str
+    until: str | None = None
+    """First release that no longer has it."""
 
 
 FEATURES: dict[str, Feature] = {
@@ -58,11 +60,16 @@ FEATURES: dict[str, Feature] = {
     "disable-any-whitespace": Feature("0.5.3.post2", "`--constrained-json-disable-any-whitespace`"),
     "openai-protocol-entrypoints": Feature("0.4.8", "the OpenAI protocol in `sglang.srt.entrypoints.openai`"),
     "max-queued-requests": Feature("0.4.9.post6", "`--max-queued-requests`"),
+    # read by the scheduler (a grammar that compiles longer is aborted); 0.5.8 polls instead
+    "grammar-timeout-env": Feature("0.4.6.post4", "the `SGLANG_GRAMMAR_TIMEOUT` environment variable", until="0.5.8"),
+    # `--cuda-graph-max-bs` split into `-decode` / `-prefill` in 0.5.14; the plain flag is gone from 0.5.20,
+    # where argparse calls it ambiguous and the server does not start
+    "cuda-graph-max-bs-decode": Feature("0.5.14", "`--cuda-graph-max-bs-decode`"),
 }
 
 ERAS: tuple[tuple[str, str], ...] = (
     # (first release, era): where the server arguments or modules the rendered module uses change
-    ("0.5.12", "arg-groups"),  # server arguments declared in sglang.srt.arg_groups; binary wheels
+    ("0.5.14", "decode-graphs"),  # --cuda-graph-max-bs-decode (the plain flag is gone from 0.5.20)
     ("0.5.3.post2", "compact-whitespace"),  # --constrained-json-disable-any-whitespace
     ("0.4.8", "entrypoints"),  # OpenAI protocol moved to sglang.srt.entrypoints.openai
     ("0.4.4.post2", "xgrammar-default"),  # grammar_backend defaults to xgrammar, llguidance offered
@@ -85,7 +92,8 @@ def supports(version: str, feature: str) -> bool:
     v = _version(version)
     if v is None:
         raise ValueError(f"not a version: {version!r}")
-    return v >= Version(FEATURES[feature].since)
+    known = FEATURES[feature]
+    return v >= Version(known.since) and (known.until is None or v < Version(known.until))
 
 
 def runtime_packages(record: dict[str, Any], extras: frozenset[str]) -> set[str]:

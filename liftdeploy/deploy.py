@@ -23,6 +23,7 @@ from .errors import StepError
 from .manifest import Endpoint, EndpointKind, Loaded
 from .render import ident, output_path, render, write_atomic
 from .state import forget, record, state_path, tag_for
+from .urls import modal_urls
 
 # ## Deploying
 
@@ -36,7 +37,9 @@ def import_module(path: Path) -> ModuleType:
     try:
         spec.loader.exec_module(module)
     except Exception as exc:
-        raise StepError("import", f"the rendered module does not import: {type(exc).__name__}: {exc}") from None
+        raise StepError("import", f"the rendered module does not import: {type(exc).__name__}: {exc}",
+                        "check that `python -c 'import modal'` works here; if it does, report a liftdeploy bug"
+                        ) from None
     return module
 
 
@@ -144,7 +147,7 @@ def apply(loaded: Loaded, *, verify: bool = True, warmup_timeout: float = 600.0,
         if not m.app.workspace:
             raise StepError("warm-up", f"Modal returned no URL for {', '.join(missing)}",
                             "set `app.workspace`, or run `liftdeploy warmup URL` yourself")
-        urls = {**Endpoints.modal(m.app.workspace, m.app.environment, m.endpoints).urls, **urls}
+        urls = {**modal_urls(m.app.workspace, m.app.environment, m.endpoints), **urls}
     client = Client(Endpoints.at(urls, m.endpoints), Endpoints.kinds(m.endpoints),
                     timeouts=Timeouts(cold_read=warmup_timeout))
     with client:

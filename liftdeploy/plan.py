@@ -9,10 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from . import sizing
-from .client import Endpoints
+from . import sglang_args, sizing
 from .manifest import Loaded
 from .state import State, read_state, settings
+from .urls import modal_urls
 
 
 @dataclass(frozen=True)
@@ -50,12 +50,17 @@ def describe(loaded: Loaded, state: State | None = None) -> str:
     lines.append(f"  app          {m.app.name} in Modal environment `{m.app.environment}`")
     revision = f" @ {m.model.revision[:12]}" if m.model.revision else " (unpinned)"
     lines.append(f"  model        {m.model.id}{revision}")
+    backend = sglang_args.grammar_backend(m) if str(m.engine.kind) == "sglang" else m.decoding.backend
+    engine = {"vllm": "vLLM", "sglang": "SGLang"}[str(m.engine.kind)]
+    lines.append(f"  engine       {engine} {m.engine_version}, grammar backend {backend}")
     fits = sizing.fits(m)
     gpus = ", ".join(f"{f.spec} (${f.spec.usd_per_hour:.2f}/h{'' if f.fits else ', too small'})" for f in fits)
     lines.append(f"  gpu          {gpus}  — tried in this order")
     need = sizing.needed_gib(m.model)
     if need is not None:
-        lines.append(f"  memory       ~{need:.0f} GiB needed (weights + KV reserve)")
+        active = m.model.known.active_b if m.model.known else None
+        moe = f"; a mixture of experts: {active:g}B active per token, all {m.model.size_b:g}B held" if active else ""
+        lines.append(f"  memory       ~{need:.0f} GiB needed (weights + KV reserve{moe})")
     pins = ", ".join(m.image.requirements())
     lines.append(f"  image        Python {m.image.python} on {m.image.base or 'debian_slim'}: {pins}")
     for role in ("weights", "compile_cache"):
@@ -77,7 +82,7 @@ def describe(loaded: Loaded, state: State | None = None) -> str:
     estimate = sizing.cold_start(m)
     if estimate:
         lines.append(f"  cold start   {estimate.describe()}")
-    urls = (Endpoints.modal(m.app.workspace, m.app.environment, m.endpoints).urls if m.app.workspace
+    urls = (modal_urls(m.app.workspace, m.app.environment, m.endpoints) if m.app.workspace
             else {ep.label: f"https://<workspace>--{ep.label}.modal.run" for ep in m.endpoints})
     lines.append("  endpoints")
     for ep in m.endpoints:

@@ -19,13 +19,15 @@ from typing import Any
 import jinja2
 from pydantic import BaseModel
 
-from . import __version__
+from . import __version__, sglang_args
 from ._files import write_atomic as write_atomic  # where the CLI and apply write files
 from .compat import api_family, v1_structured_output
 from .errors import StepError
 from .manifest import Loaded, Manifest
 
 TEMPLATE = "modal_app.py.j2"
+TEMPLATES = {"vllm": TEMPLATE, "sglang": "modal_app_sglang.py.j2"}
+"""The template of each engine (`engine.kind`)."""
 
 
 def template_dir() -> Path:
@@ -133,6 +135,9 @@ def chat_template_kwargs(m: Manifest) -> dict[str, Any]:
 
 
 def image_env(m: Manifest) -> dict[str, str]:
+    """The GPU image's environment, for the manifest's engine."""
+    if str(m.engine.kind) == "sglang":
+        return image_env_sglang(m)
     env: dict[str, str] = {}
     if m.volumes.weights:
         env["HF_HOME"] = m.volumes.weights.mount
@@ -157,39 +162,61 @@ def source_name(path: Path) -> str:
     return path.name
 
 
+def image_env_sglang(m: Manifest) -> dict[str, str]:
+    env = {"HF_HOME": m.volumes.weights.mount} if m.volumes.weights else {}
+    if m.cold_start.fast_download:
+        env["HF_XET_HIGH_PERFORMANCE"] = "1"
+    env.update(sglang_args.grammar_env(m))
+    env.update(sglang_args.cache_env(m))
+    env.update(m.image.env)
+    return env
+
+
+def context_sglang(m: Manifest) -> dict[str, Any]:
+    """What the SGLang template needs beyond the shared context (see `sglang_args`)."""
+    return {
+        "sglang_version": sglang_args.version(m),
+        "grammar_backend": sglang_args.grammar_backend(m),
+        "server_args": sglang_args.server_args(m),
+    }
+
+
 def context(loaded: Loaded) -> dict[str, Any]:
     m = loaded.manifest
+    sglang = str(m.engine.kind) == "sglang"
     mounts = []
     if m.volumes.weights:
         mounts.append("MODELS_DIR: weights_volume")
     if m.volumes.compile_cache:
-        mounts.append("VLLM_CACHE_DIR: vllm_cache_volume")
+        mounts.append("CACHE_DIR: cache_volume" if sglang else "VLLM_CACHE_DIR: vllm_cache_volume")
     secrets = list(m.secrets.names)
     if m.secrets.bearer and m.secrets.bearer not in secrets:
         secrets.append(m.secrets.bearer)
-    return {
+    shared = {
         "m": m,
         "version": __version__,
         "source": source_name(loaded.path),
         "env": loaded.env,
         "sha256": loaded.sha256,
         "gpu_chain": m.gpu_chain(),
-        "api_family": api_family(m.image.vllm),
-        "v1_structured_output": v1_structured_output(m.image.vllm),
         "backend": m.backend,
         "whitespace": m.decoding.whitespace,
         "chat_template_kwargs": chat_template_kwargs(m),
-        "engine_args": engine_args(m),
-        "image_env": image_env(m),
         "volumes_expr": "{" + ", ".join(mounts) + "}" if mounts else "",
         "secrets": secrets,
         "endpoints": m.endpoints,
         "kinds": sorted({ep.kind.value for ep in m.endpoints}),
+        "image_env": image_env(m),
     }
+    if sglang:
+        return {**shared, **context_sglang(m)}
+    return {**shared, "api_family": api_family(m.image.vllm), "engine_args": engine_args(m),
+            "v1_structured_output": v1_structured_output(m.image.vllm)}
 
 
 def render(loaded: Loaded) -> str:
-    return _environment().get_template(TEMPLATE).render(context(loaded))
+    template = TEMPLATES[str(loaded.manifest.engine.kind)]
+    return _environment().get_template(template).render(context(loaded))
 
 
 def module_name(loaded: Loaded) -> str:
@@ -210,4 +237,4 @@ def drift(loaded: Loaded, path: Path) -> bool:
     except FileNotFoundError:
         return True
     except OSError as exc:
-        raise StepError("render", f"cannot read {path}: {exc.strerror}") from None
+        raise StepError("render", f"cannot read {path}: {exc.strerror}", "check the file's permissions") from None

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ResolveResult", "find_uv", "resolve"]
+__all__ = ["UV_HINT", "UV_MISSING", "ResolveResult", "find_uv", "resolve"]
 
 DEFAULT_PLATFORM = "x86_64-manylinux_2_36"
 """glibc 2.36: Modal's `debian_slim` (Debian bookworm, image builders 2024.04 to 2025.06; trixie's
@@ -44,6 +44,12 @@ class ResolveResult:
     output: str
     """The pinned requirement set when ``ok``; otherwise uv's explanation (or ours)."""
     seconds: float
+    checked: bool = True
+    """False when the resolver could not judge the pins (no uv, a timeout, an unreachable index)."""
+
+
+UV_MISSING = "uv is not installed, so the pins were not resolved"
+UV_HINT = "pip install uv (or put uv on PATH), or drop --resolve"
 
 
 def find_uv() -> str | None:
@@ -77,12 +83,13 @@ def resolve(
     """
     started = time.perf_counter()
 
-    def done(ok: bool, output: str) -> ResolveResult:
-        return ResolveResult(ok=ok, output=output.strip(), seconds=round(time.perf_counter() - started, 3))
+    def done(ok: bool, output: str, checked: bool = True) -> ResolveResult:
+        return ResolveResult(ok=ok, output=output.strip(), seconds=round(time.perf_counter() - started, 3),
+                             checked=checked)
 
     uv = find_uv()
     if uv is None:
-        return done(False, "uv not found: install the 'uv' package (pip install uv) or put uv on PATH")
+        return done(False, UV_MISSING, checked=False)
     cmd = [
         uv, "pip", "compile", "-",
         "--python-platform", platform,
@@ -108,14 +115,16 @@ def resolve(
             False,
             f"uv pip compile did not finish within {timeout:g} s (is the package index reachable?); "
             "the requirements were not checked",
+            checked=False,
         )
     except OSError as exc:
-        return done(False, f"could not run uv ({uv}): {exc}")
+        return done(False, f"could not run uv ({uv}): {exc}", checked=False)
     if proc.returncode == 0:
         return done(True, proc.stdout)
     explanation = (proc.stderr or proc.stdout).strip()
     if any(m in explanation.lower() for m in _NETWORK_MARKERS):
-        explanation = (
-            "the package index could not be reached; the requirements were not checked\n" + explanation
+        return done(
+            False, "the package index could not be reached; the requirements were not checked\n" + explanation,
+            checked=False,
         )
     return done(False, explanation)

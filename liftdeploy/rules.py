@@ -20,9 +20,12 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator
 
+from packaging.utils import canonicalize_name
+
 from . import catalog, compat, sizing
 from ._toml_lines import locate
 from .errors import Diagnostic, Severity
+from .installed import modal_client_problem
 from .manifest import Auth, Loaded
 
 Rule = Callable[[Loaded], Iterator[Diagnostic]]
@@ -53,14 +56,15 @@ def warning(loaded: Loaded, code: str, path: str, message: str, hint: str) -> Di
 
 @rule
 def pins(loaded: Loaded) -> Iterator[Diagnostic]:
-    """Pins against the knowledge base of vLLM releases and curated runtime conflicts."""
+    """Pins against the knowledge base of the engine's releases and curated runtime conflicts."""
     m = loaded.manifest
-    pinned = {name.split("[")[0].lower().replace("_", "-"): v for name, v in m.image.pins.items()}
+    pinned = dict(m.image.pins)  # names keep their extras (`sglang[all]`): the checks read them
     for req in m.image.packages:
         name, _, version = req.partition("==")
-        pinned.setdefault(name.split("[")[0].lower().replace("_", "-"), version)
-    for f in compat.pin_findings(pinned, m.image.python):
-        path = f"image.pins.{f.package}" if f.package in m.image.pins else "image.pins"
+        pinned.setdefault(name, version)
+    keys: dict[str, str] = {canonicalize_name(name.split("[")[0]): name for name in m.image.pins}
+    for f in compat.engine_pin_findings(str(m.engine.kind), pinned, m.image.python):
+        path = f"image.pins.{keys[f.package]}" if f.package in keys else "image.pins"
         if f.code.startswith("python"):
             path = "image.python"
         yield diagnostic(loaded, "warning" if f.severity == "warning" else "error", f.code, path, f.message, f.hint)
@@ -69,6 +73,8 @@ def pins(loaded: Loaded) -> Iterator[Diagnostic]:
 @rule
 def api_family(loaded: Loaded) -> Iterator[Diagnostic]:
     m = loaded.manifest
+    if str(m.engine.kind) != "vllm":
+        return  # SGLang's settings are matched to its release when the manifest validates
     family = compat.api_family(m.image.vllm)
     if family == "guided_options_request":
         yield error(loaded, "vllm-api-unsupported", "image.pins.vllm",
@@ -84,6 +90,8 @@ def api_family(loaded: Loaded) -> Iterator[Diagnostic]:
 def decoding(loaded: Loaded) -> Iterator[Diagnostic]:
     """What the structured-output settings need from the pinned vLLM, and XGrammar's known defect."""
     m = loaded.manifest
+    if str(m.engine.kind) != "vllm":
+        return  # SGLang's settings are matched to its release when the manifest validates
     v1 = compat.v1_structured_output(m.image.vllm)
     if m.decoding.backend == "guidance" and not v1:
         yield error(loaded, "guidance-unavailable", "decoding.backend",
@@ -112,9 +120,12 @@ def gpu_memory(loaded: Loaded) -> Iterator[Diagnostic]:
         if not fit.fits:
             need = fit.needed_gib or 0
             bigger = [g.name for g in catalog.GPUS if g.memory_gib * m.model.gpu_memory_utilization >= need]
+            known = m.model.known
+            moe = (f" (a mixture of experts: {known.active_b:g}B parameters are active per token, but all "
+                   f"{m.model.size_b:g}B stay in GPU memory)") if known and known.active_b else ""
             yield error(
                 loaded, "gpu-memory", path,
-                f"{m.model.id} needs ~{fit.needed_gib:.0f} GiB (weights + KV cache) but `{fit.gpu}` offers "
+                f"{m.model.id} needs ~{fit.needed_gib:.0f} GiB (weights + KV cache){moe} but `{fit.gpu}` offers "
                 f"{fit.usable_gib:.0f} GiB at gpu_memory_utilization {m.model.gpu_memory_utilization}",
                 f"use {bigger[0]}" if bigger
                 else "quantize the model or add GPUs (`\"H100:2\"` with tensor_parallel_size = 2)",
@@ -123,6 +134,14 @@ def gpu_memory(loaded: Loaded) -> Iterator[Diagnostic]:
             yield warning(loaded, "fp8-emulated", path,
                           f"`{fit.gpu}` has no native FP8: vLLM falls back to slower weight-only kernels",
                           "prefer L4, L40S, H100, H200 or B200 for fp8")
+    sizes = catalog.moe_sizes(m.model.id)
+    if m.model.params_b is not None and sizes and m.model.params_b < (sizes[0] + sizes[1]) / 2:
+        total = m.model.known.params_b if m.model.known else sizes[0]
+        yield error(loaded, "moe-active-params", "model.params_b",
+                    f"params_b = {m.model.params_b:g} counts the active parameters of a mixture of experts "
+                    f"({m.model.id}); every expert stays in GPU memory, so memory is sized by all {total:g}B",
+                    f"set `params_b = {total:g}` (or drop it: liftdeploy knows this model)"
+                    if m.model.known else f"set `params_b` to the total parameter count (~{total:g})")
     if m.model.size_b is None:
         yield warning(loaded, "model-size-unknown", "model.params_b",
                       f"the size of {m.model.id} is unknown, so GPU memory cannot be checked",
@@ -151,3 +170,11 @@ def hygiene(loaded: Loaded) -> Iterator[Diagnostic]:
             yield warning(loaded, "public-endpoint", f"endpoints[{i}].auth",
                           f"`{ep.label}` serves the model to anyone with the URL",
                           'use `auth = "proxy"` (Modal-Key/Modal-Secret) or `auth = "bearer"`')
+
+
+@rule
+def modal_client(loaded: Loaded) -> Iterator[Diagnostic]:
+    """The installed modal client against the range liftdeploy declares: what the rendered module needs."""
+    problem = modal_client_problem()
+    if problem:
+        yield error(loaded, "modal-client", "", *problem)

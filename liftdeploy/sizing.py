@@ -95,9 +95,10 @@ def cold_start(m: Manifest) -> ColdStart | None:
         return None
     load = weights / LOAD_GIB_PER_S + weights * INIT_S_PER_GIB
     eager = m.cold_start.fast_boot
-    compile_cold = 0.0 if eager else COMPILE_S
+    compiles = not eager and str(m.engine.kind) == "vllm"  # SGLang runs without torch.compile unless asked
+    compile_cold = COMPILE_S if compiles else 0.0
     cached = m.cold_start.compile_cache and m.volumes.compile_cache is not None
-    compile_warm = 0.0 if eager else (COMPILE_CACHED_S if cached else COMPILE_S)
+    compile_warm = (COMPILE_CACHED_S if cached else COMPILE_S) if compiles else 0.0
     graphs = 0.0 if eager else GRAPHS_S
     download = weights / DOWNLOAD_GIB_PER_S
     typical = CONTAINER_START_S + load + compile_warm + graphs + (0.0 if m.volumes.weights else download)

@@ -42,6 +42,7 @@ def settings(loaded: Loaded) -> dict[str, Any]:
     out: dict[str, Any] = {
         "app.name": m.app.name,
         "app.environment": m.app.environment,
+        "engine.kind": None if str(m.engine.kind) == "vllm" else str(m.engine.kind),  # vLLM: as before engines
         "model.id": m.model.id,
         "model.revision": m.model.revision,
         "model.dtype": m.model.dtype.value,

@@ -91,18 +91,5 @@ def client_for(target: str, env: str | None = None, *, timeout: float = 600.0, c
     """A client (`cls`: Client or AsyncClient) for a manifest (URLs derived) or a base URL (`serve --local`)."""
     timeouts = Timeouts(cold_read=timeout)
     if target.startswith(("http://", "https://")):
-        return cls.for_url(target, _remote_endpoints(target), timeouts=timeouts, **kwargs)
+        return cls.for_url(target, timeouts=timeouts, **kwargs)
     return cls.for_manifest(target, env, timeouts=timeouts, **kwargs)
-
-
-def _remote_endpoints(base_url: str) -> list[dict[str, str]] | None:
-    """A local server lists its endpoints at its root; anything else gets the default labels."""
-    import httpx
-
-    try:
-        index = httpx.get(base_url.rstrip("/") + "/", timeout=5.0).json().get("endpoints")
-    except (httpx.HTTPError, ValueError, AttributeError):
-        return None
-    if not isinstance(index, dict):
-        return None
-    return [{"label": label, "kind": ep["kind"], "auth": ep["auth"]} for label, ep in index.items()]

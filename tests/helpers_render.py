@@ -27,6 +27,7 @@ EXAMPLES = [
     ("qwen32b.toml", "dev"),
     ("qwen3-8b.toml", None),
     ("qwen3-8b.toml", "prod"),
+    ("qwen3-coder-30b.toml", None),
 ]
 
 # A valid manifest touching every section; tests deep-copy it and break one thing.

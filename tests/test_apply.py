@@ -308,6 +308,44 @@ def test_apply_qwen3_8b_with_secrets_and_autoscaling(plane, tmp_path, env):
     assert (a.folder / f"{module}.py").is_file()
 
 
+def test_apply_qwen3_coder_on_sglang(plane, tmp_path):
+    """The seeds' SGLang deployment goes through the same apply as the vLLM ones."""
+    a = apply_copy(plane, tmp_path, "qwen3-coder-30b.toml", None, "qwen3_coder_30b")
+    (publish,) = a.calls("AppPublish")
+    assert (publish.name, publish.deployment_tag) == ("lift-sys-coder", tag_of(a.manifest))
+    assert set(publish.function_ids) == {"web_health", "Inference.*"}
+    ranks = a.functions["Inference.*"]
+    assert gpus(ranks) == ["A100-80GB", "H100"]  # 30.5B parameters held: 80 GB GPUs only
+    fn = ranks[0]
+    assert {m.mount_path: m.volume_id for m in fn.volume_mounts} == {
+        "/models": a.volumes[("main", "lift-sys-models")],
+        "/root/.cache/sglang-jit": a.volumes[("main", "lift-sys-sglang-cache")],
+    }
+    assert (fn.timeout_secs, fn.startup_timeout_secs, fn.task_idle_timeout_secs) == (600, 900, 300)
+    assert (fn.max_concurrent_inputs, fn.target_concurrent_inputs) == (20, 0)
+    assert web_endpoints(fn) == {"web_warmup": ("warmup", True), "web_generate": ("generate", True),
+                                 "web_openai": ("openai", True)}
+    (health,) = a.functions["web_health"]
+    assert health.resources.gpu_config.count == 0 and health.webhook_config.requested_suffix == "health"
+
+    # The image: SGLang and its stack pinned, its JIT caches on the cache volume.
+    commands = "\n".join(c for req in a.calls("ImageGetOrCreate") for c in req.image.dockerfile_commands)
+    assert "flashinfer-python==0.5.0 sglang==0.5.4.post3 transformers==4.57.1 xgrammar==0.1.25" in commands
+    assert "ENV SGLANG_DG_CACHE_DIR=/root/.cache/sglang-jit/deep_gemm" in commands
+    assert "vllm" not in commands
+    uploaded = {name: data for files in plane.mounts.values() for name, data in files.items()}
+    module = (a.folder / "qwen3_coder_30b.py").read_bytes()
+    assert uploaded["/root/qwen3_coder_30b.py"] == module
+    assert b'"--grammar-backend",\n    "llguidance"' in module
+
+    state = a.state
+    assert state["settings"]["engine.kind"] == "sglang" and state["settings"]["image.sglang"] == "0.5.4.post3"
+    assert set(state["urls"]) == {"health", "warmup", "generate", "openai"}
+    assert "Traceback" not in a.result.stderr
+    plan = liftdeploy(None, "plan", "qwen3-coder-30b.toml", cwd=a.folder)
+    assert plan.returncode == 0 and "No changes." in plan.stdout
+
+
 # ## plan against the recorded state
 
 

@@ -57,13 +57,16 @@ def changed_copy(applied, folder: Path) -> dict[str, bytes]:
     return snapshot(folder)
 
 
-def start_apply(cp: ModalControlPlane, folder: Path) -> subprocess.Popen:
+def start_apply(cp: ModalControlPlane, folder: Path, *, ignore_sigint: bool = False) -> subprocess.Popen:
+    """`liftdeploy apply`; with `ignore_sigint`, launched as `cmd &` in a script launches it: SIGINT ignored."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MODAL_", "LIFTDEPLOY_"))}
     env.update(cp.env())
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     env["COLUMNS"] = "200"
-    return subprocess.Popen([sys.executable, "-m", "liftdeploy.cli", "apply", "qwen32b.toml", "--yes", "--no-verify"],
-                            cwd=folder, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+    cmd = [sys.executable, "-m", "liftdeploy.cli", "apply", "qwen32b.toml", "--yes", "--no-verify"]
+    if ignore_sigint:
+        cmd = ["sh", "-c", 'trap "" INT; exec "$0" "$@"', *cmd]
+    return subprocess.Popen(cmd, cwd=folder, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
@@ -99,8 +102,9 @@ HELD = ["AppGetByDeploymentName", "FunctionPrecreate", "VolumeGetOrCreate", "Ima
         "FunctionCreate", "AppPublish"]
 
 
-@pytest.mark.parametrize("method", HELD)
-def test_sigint_while_modal_answers_keeps_the_previous_apply(plane, applied, tmp_path, method):
+@pytest.mark.parametrize(("method", "ignore_sigint"), [*((m, False) for m in HELD), ("FunctionCreate", True)],
+                         ids=[*HELD, "FunctionCreate-started-with-SIGINT-ignored"])
+def test_sigint_while_modal_answers_keeps_the_previous_apply(plane, applied, tmp_path, method, ignore_sigint):
     cp = plane
     before = changed_copy(applied, tmp_path)
     previous = cp.deployed_app(APP)
@@ -108,7 +112,7 @@ def test_sigint_while_modal_answers_keeps_the_previous_apply(plane, applied, tmp
     start = len(cp.requests)
     cp.delay(method, 120)
     try:
-        proc = start_apply(cp, tmp_path)
+        proc = start_apply(cp, tmp_path, ignore_sigint=ignore_sigint)
         deadline = time.monotonic() + 120
         while method not in [m for m, _ in list(cp.requests)[start:]]:
             assert proc.poll() is None, output(subprocess.CompletedProcess(proc.args, proc.returncode,

@@ -156,7 +156,7 @@ def test_validate_reports_every_problem_of_every_file(tmp_path: Path) -> None:
     good = DEPLOYMENTS / "qwen32b.toml"
     proc = cli("validate", paths[0], good, paths[1], missing)
     assert proc.returncode == 2
-    assert proc.stdout == f"ok: {good} ((base), dev)\n"
+    assert proc.stdout == f"ok: {good} (base, dev)\n"
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 4, proc.stderr
     assert errors[0].startswith(f"error: {paths[0]}:") and "`compute.gpu[0]`" in errors[0]
@@ -199,8 +199,8 @@ def test_exit_codes(args: list[str], code: int) -> None:
 
 def test_validate_ok_lines_name_the_envs() -> None:
     proc = cli_in_process("validate", "deployments/qwen3-8b.toml", "deployments/qwen32b.toml")
-    assert proc.stdout.splitlines() == ["ok: deployments/qwen3-8b.toml ((base), prod)",
-                                        "ok: deployments/qwen32b.toml ((base), dev)"]
+    assert proc.stdout.splitlines() == ["ok: deployments/qwen3-8b.toml (base, prod)",
+                                        "ok: deployments/qwen32b.toml (base, dev)"]
     proc = cli_in_process("validate", "deployments/qwen32b.toml", "-e", "dev")
     assert proc.stdout == "ok: deployments/qwen32b.toml (dev)\n"
 

@@ -108,9 +108,9 @@ def test_parse_pins_keeps_extras_apart() -> None:
         ("0.4.8", "entrypoints"),
         ("0.5.3.post1", "entrypoints"),
         ("0.5.3.post2", "compact-whitespace"),
-        ("0.5.11", "compact-whitespace"),
-        ("0.5.12", "arg-groups"),
-        ("0.5.23", "arg-groups"),
+        ("0.5.13.post1", "compact-whitespace"),
+        ("0.5.14", "decode-graphs"),
+        ("0.5.23", "decode-graphs"),
     ],
 )
 def test_eras(version: str, era: str) -> None:
@@ -122,6 +122,9 @@ def test_features() -> None:
     assert compat_sglang.supports("0.5.4.post3", "disable-any-whitespace")
     assert compat_sglang.supports("0.4.1.post6", "memory-saver")
     assert not compat_sglang.supports("0.4.1.post5", "memory-saver")
+    assert compat_sglang.supports("0.5.4.post3", "grammar-timeout-env")  # read from 0.4.6.post4 to 0.5.7
+    assert not compat_sglang.supports("0.5.8", "grammar-timeout-env")
+    assert not compat_sglang.supports("0.4.6.post3", "grammar-timeout-env")
     with pytest.raises(ValueError, match="predates 0.4.0"):
         compat_sglang.era("0.3.6")
 

@@ -16,8 +16,8 @@ jsonschema = pytest.importorskip("jsonschema")
 
 from liftdeploy.local import LocalEngine, smoke_model_dir
 from liftdeploy.local.server import import_rendered
-from liftdeploy.manifest import load
 from liftdeploy.local.smoke import SMOKE_MARKER
+from liftdeploy.manifest import load
 from tests.conftest import DEPLOYMENTS
 
 IR_SCHEMA = {

@@ -293,8 +293,9 @@ def test_base_manifest_is_valid(tmp_path: Path) -> None:
     path = tmp_path / "base.toml"
     path.write_text(dump_toml(base())[0])
     code, out, err = run_validate(path)
-    assert (code, err) == (0, "")
-    assert out == f"ok: {path} ((base), dev)\n"
+    assert (code, err) == (0, f"hint: validate reads the manifest's form; `liftdeploy check {path}` also checks GPU "
+                              "memory fit, pins and Modal's rules\n")
+    assert out == f"ok: {path} (base, dev)\n"
     loaded = load(path, "dev")
     assert loaded.manifest.app.name == "test-app-dev"
 
@@ -326,6 +327,16 @@ def test_broken_manifest(case: Case, tmp_path: Path) -> None:
     else:
         expected = _expected_line(where, _loc(case.key), case.overlay)  # None: nothing of it is written
         assert error["line"] == (str(expected) if expected else None), f"expected line {expected}\n{text}\n{err}"
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_every_problem_carries_a_hint(case: Case, tmp_path: Path) -> None:
+    """pydantic's own errors (bounds, types, missing keys) come with a hint too."""
+    path = tmp_path / "broken.toml"
+    path.write_text(dump_toml(case.manifest())[0])
+    with pytest.raises(ManifestError) as caught:
+        load(path, case.env)
+    assert all(p.hint for p in caught.value.problems), caught.value.render()
 
 
 # ## Whole-file problems: the file cannot be read or parsed

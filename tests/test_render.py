@@ -167,21 +167,29 @@ def test_manifest_values_are_literals_in_the_code(name: str, env: str | None) ->
     assert [e.value for e in gpu.elts] == m.gpu_chain()
     if m.compute.gpu[-1].type != "any":
         assert [e.value for e in gpu.elts] == [str(g) for g in m.compute.gpu]
+    sglang = str(m.engine.kind) == "sglang"
+    version_constant = "SGLANG_VERSION" if sglang else "VLLM_VERSION"
     for constant, expected in [("APP_NAME", m.app.name), ("MODEL_NAME", m.model.id),
-                               ("MODEL_REVISION", m.model.revision), ("VLLM_VERSION", m.image.vllm),
+                               ("MODEL_REVISION", m.model.revision), (version_constant, m.engine_version),
                                ("MAX_INPUTS", m.concurrency.max_inputs), ("QUEUE", m.concurrency.queue),
                                ("MAX_TOKENS_LIMIT", m.decoding.max_tokens_limit),
                                ("DEFAULT_TEMPERATURE", m.decoding.temperature)]:
         assert isinstance(values[constant], ast.Constant), constant
         assert values[constant].value == expected, constant
-    engine = ast.literal_eval(values["ENGINE_ARGS"])
-    assert engine["model"] == m.model.id and engine["revision"] == m.model.revision
-    assert engine["max_model_len"] == m.model.max_model_len
+    if sglang:  # SGLang's launch_server arguments, as flags and values
+        args = ast.literal_eval(values["SERVER_ARGS"])
+        assert args[args.index("--model-path") + 1] == m.model.id
+        assert ("--revision" in args) == bool(m.model.revision)
+        assert args[args.index("--context-length") + 1] == str(m.model.max_model_len)
+    else:
+        engine = ast.literal_eval(values["ENGINE_ARGS"])
+        assert engine["model"] == m.model.id and engine["revision"] == m.model.revision
+        assert engine["max_model_len"] == m.model.max_model_len
     assert ast.literal_eval(values["ENDPOINTS"]) == [
         {"kind": ep.kind.value, "label": ep.label, "auth": ep.auth.value} for ep in m.endpoints]
 
     (install,) = [c for c in _calls(tree, "uv_pip_install")
-                  if any(isinstance(a, ast.Constant) and str(a.value).startswith("vllm==") for a in c.args)]
+                  if any(isinstance(a, ast.Constant) and str(a.value).startswith(f"{m.engine.kind}") for a in c.args)]
     assert all(isinstance(a, ast.Constant) for a in install.args)
     assert sorted(a.value for a in install.args) == sorted(m.image.requirements())
     for call in _calls(tree, "from_name"):
@@ -265,7 +273,7 @@ def _expected(loaded: Loaded) -> dict[str, Any]:
                                                   "create_if_missing": m.volumes.compile_cache.create_if_missing}
     secrets = list(dict.fromkeys([*m.secrets.names, *([m.secrets.bearer] if m.secrets.bearer else [])]))
     return {
-        "image": "vllm_image",
+        "image": f"{m.engine.kind}_image",
         "gpu": m.gpu_chain(),
         "spec_gpus": m.gpu_chain(),
         "cpu": m.compute.cpu,
@@ -328,7 +336,7 @@ def _check_app(found: dict[str, Any], loaded: Loaded) -> None:
         runs = [shlex.split(c.removeprefix("RUN ")) for c in commands if "uv pip install" in c]
         return {word for run in runs for word in run if "==" in word}
 
-    vllm_image, web_image = found["images"]["vllm_image"], found["images"]["web_image"]
+    vllm_image, web_image = found["images"][f"{m.engine.kind}_image"], found["images"]["web_image"]
     assert installed(vllm_image) == set(m.image.requirements())
     assert installed(web_image) == {f"{k}=={v}" for k, v in m.image.web_pins.items()}
     env_lines = dict(shlex.split(c.removeprefix("ENV "))[0].split("=", 1) for c in vllm_image
@@ -345,7 +353,9 @@ def _check_app(found: dict[str, Any], loaded: Loaded) -> None:
         assert vllm_image[0].startswith(f"FROM python:{m.image.python}.")
     assert web_image[0].startswith(f"FROM python:{m.image.python}.")
     assert found["volumes"] == {name: spec.name for name, spec in
-                                (("weights_volume", m.volumes.weights), ("vllm_cache_volume", m.volumes.compile_cache))
+                                (("weights_volume", m.volumes.weights),
+                                 ("cache_volume" if str(m.engine.kind) == "sglang" else "vllm_cache_volume",
+                                  m.volumes.compile_cache))
                                 if spec}
 
 

@@ -98,6 +98,7 @@ def _str_fields(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> set[tup
 def _augmented(name: str) -> dict[str, Any]:
     data = tomllib.loads((ROOT / "deployments" / name).read_text(encoding="utf-8"))
     data["app"].setdefault("workspace", "rand")
+    data.setdefault("engine", {"kind": "vllm"})  # these bases are vLLM's (the SGLang module: test_render_sglang.py)
     data["compute"]["region"] = "us-east"
     image = data["image"]
     image.setdefault("base", "nvidia/cuda:12.4.1-devel-ubuntu22.04")

@@ -75,11 +75,10 @@ def test_guidance_closes_objects_as_xgrammar_does(runtime):
 
 
 def llguidance_accepts(schema: dict, text: str) -> bool:
+    import llguidance.hf
     from transformers import AutoTokenizer
 
     from liftdeploy.local.smoke import smoke_model_dir
-
-    import llguidance.hf
 
     tokenizer = AutoTokenizer.from_pretrained(smoke_model_dir("qwen2"))
     grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_flexible": False})

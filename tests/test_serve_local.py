@@ -199,3 +199,78 @@ def test_openai_sdk_structured_output(qwen3):
     assert completion.usage.completion_tokens > 0
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{server.url}/openai/v1", api_key="wrong", max_retries=0).models.list()
+
+
+# ## The SGLang deployment, on the CPU engine standing in for SGLang
+
+
+@pytest.fixture(scope="module")
+def coder(engine):
+    """deployments/qwen3-coder-30b.toml: the SGLang module's own apps, proxy auth, OpenAI route."""
+    creds = Credentials(proxy_key="wk-test", proxy_secret="ws-test")
+    with LocalServer(build(load(DEPLOYMENTS / "qwen3-coder-30b.toml"), engine, creds)) as server:
+        yield server, {"Modal-Key": "wk-test", "Modal-Secret": "ws-test"}
+
+
+def test_sglang_module_generates_and_validates_like_the_vllm_one(coder):
+    server, auth = coder
+    schema = SCHEMAS["seeds-ir"]
+    answer = httpx.post(f"{server.url}/generate", json={"prompt": "add(a, b)", "schema": schema, "max_tokens": 256},
+                        headers=auth, timeout=120)
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert set(body) == {"ir_json", "complete", "text", "tokens_used", "generation_time_ms", "finish_reason", "model"}
+    if body["complete"]:
+        jsonschema.validate(body["ir_json"], schema)
+    missing = httpx.post(f"{server.url}/generate", json={"prompt": "x"}, headers=auth, timeout=30)
+    assert missing.status_code == 422 and "schema" in missing.text
+    assert httpx.post(f"{server.url}/generate", json={"prompt": "x", "schema": {}}, timeout=30).status_code == 401
+    health = httpx.get(f"{server.url}/health", timeout=30).json()
+    assert health["backend"] == "SGLang 0.5.4.post3 with llguidance" and health["smoke_model"] is True
+
+
+def test_sglang_module_openai_route(coder):
+    openai = pytest.importorskip("openai")
+    server, auth = coder
+    client = openai.OpenAI(base_url=f"{server.url}/openai/v1", api_key="unused", default_headers=auth, max_retries=0)
+    assert [m.id for m in client.models.list()] == ["Qwen/Qwen3-Coder-30B-A3B-Instruct"]
+    schema = SCHEMAS["enum"]
+    completion = client.chat.completions.create(
+        model="Qwen/Qwen3-Coder-30B-A3B-Instruct",
+        messages=[{"role": "user", "content": "A level, please."}],
+        response_format={"type": "json_schema", "json_schema": {"name": "level", "schema": schema}},
+        max_tokens=64,
+    )
+    if completion.choices[0].finish_reason == "stop":
+        jsonschema.validate(json.loads(completion.choices[0].message.content), schema)
+
+
+def test_serve_local_says_which_engine_stands_in_for_sglang(tmp_path):
+    """`liftdeploy serve --local` on the SGLang manifest: one line names the stand-in."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "liftdeploy.cli", "serve", "--local",
+                                 str(DEPLOYMENTS / "qwen3-coder-30b.toml"), "--port", str(port)],
+                                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "NO_COLOR": "1"})
+    try:
+        deadline = time.monotonic() + 180
+        while "serving" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        text = log.read_text()
+        assert "serving" in text, text
+        assert ("engine: transformers + XGrammar on this CPU stand in for SGLang 0.5.4.post3 "
+                "(SGLang's server needs a CUDA GPU)") in text
+        health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=30)
+        assert health.status_code == 200 and health.json()["model"] == "Qwen/Qwen3-Coder-30B-A3B-Instruct"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -17,6 +17,7 @@ import pytest
 pytestmark = pytest.mark.engine
 
 SHORT = {"type": "string", "maxLength": 12}
+DIGIT = {"type": "integer", "minimum": -9, "maximum": 9}
 # Ordinary schemas, each of a kind users send: bounded strings, enums, patterns, formats,
 # nullable/anyOf, nested objects and arrays, $ref/$defs.
 SCHEMAS = {
@@ -38,8 +39,7 @@ SCHEMAS = {
         "additionalProperties": False}}, "required": ["user"], "additionalProperties": False},
     "array": {"type": "object", "properties": {"tags": {"type": "array", "items": SHORT, "minItems": 1, "maxItems": 3}},
               "required": ["tags"]},
-    "refs": {"$defs": {"point": {"type": "object", "properties": {"x": {"type": "integer", "minimum": -9, "maximum": 9},
-                                                                  "y": {"type": "integer", "minimum": -9, "maximum": 9}},
+    "refs": {"$defs": {"point": {"type": "object", "properties": {"x": DIGIT, "y": DIGIT},
                                  "required": ["x", "y"], "additionalProperties": False}},
              "type": "object", "properties": {"a": {"$ref": "#/$defs/point"}, "b": {"$ref": "#/$defs/point"}},
              "required": ["a", "b"], "additionalProperties": False},

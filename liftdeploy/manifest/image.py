@@ -1,4 +1,4 @@
-"""The sections that say what the container holds: `[image]` and `[volumes]`."""
+"""The sections that say what the container holds: `[engine]`, `[image]` and `[volumes]`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ..compat import api_family
+from ..knowledge import parse_pins
 from ._base import (
     APP_NAME,
     DEFAULT_PYTHON,
@@ -16,9 +16,27 @@ from ._base import (
     PACKAGE,
     POSIX_PATH,
     VERSION,
+    Choice,
     Section,
     invalid,
 )
+
+# ## [engine]
+
+
+class EngineKind(Choice):
+    vllm = "vllm"
+    sglang = "sglang"
+
+
+class EngineSection(Section):
+    kind: EngineKind = Field(
+        EngineKind.vllm,
+        description="The serving engine: `vllm`, or `sglang` (SGLang's server, in the style of Modal's SGLang "
+        "examples). Its package is pinned in `image.pins`.",
+        examples=["vllm", "sglang"],
+    )
+
 
 # ## [image]
 
@@ -33,8 +51,9 @@ class ImageSection(Section):
         examples=["nvidia/cuda:12.4.1-devel-ubuntu22.04"],
     )
     pins: dict[str, str] = Field(
-        description="Exact versions of the serving stack, installed with uv; `vllm` is required.",
-        examples=[{"vllm": "0.9.2", "transformers": "4.53.0", "xgrammar": "0.1.19"}],
+        description="Exact versions of the serving stack, installed with uv; the engine's package "
+        "(`vllm`, or `sglang`, extras allowed: `\"sglang[all]\"`) is required.",
+        examples=[{"vllm": "0.9.2", "transformers": "4.53.0", "xgrammar": "0.1.19"}, {"sglang": "0.5.4.post3"}],
     )
     packages: list[str] = Field(
         [],
@@ -74,25 +93,14 @@ class ImageSection(Section):
     def _pins(cls, pins: dict[str, str]) -> dict[str, str]:
         for name, version in pins.items():
             if not PACKAGE.match(name):
-                raise invalid(f"`{name}` is not a package name", at=(name,))
+                raise invalid(f"`{name}` is not a package name", "write the name as published, e.g. `transformers`",
+                              (name,))
             if not VERSION.match(version):
                 raise invalid(
                     f"`{name}` must be pinned to an exact version, got `{version}`",
                     f'write `"{name}" = "1.2.3"` (no operators: the image is reproducible)',
                     (name,),
                 )
-        return pins
-
-    @field_validator("pins")
-    @classmethod
-    def _needs_vllm(cls, pins: dict[str, str]) -> dict[str, str]:
-        if "vllm" not in pins:
-            raise invalid("`vllm` must be pinned", 'add `vllm = "0.9.2"` (or the release you test with)')
-        try:
-            api_family(pins["vllm"])  # the renderer picks the structured-output API by release
-        except ValueError as exc:  # packaging's InvalidVersion is a ValueError
-            raise invalid(f"`vllm = \"{pins['vllm']}\"` cannot be rendered: {exc}",
-                          'pin a vLLM release, e.g. `vllm = "0.9.2"`') from None
         return pins
 
     @field_validator("packages")
@@ -116,6 +124,10 @@ class ImageSection(Section):
                 raise invalid(f"the value of `{key}` is not one line",
                               "image environment values cannot hold line breaks", (key,))
         return env
+
+    def pin(self, package: str) -> str | None:
+        """The pinned version of `package` (names normalized, extras ignored), or None."""
+        return parse_pins(self.pins).get(package)
 
     @property
     def vllm(self) -> str:

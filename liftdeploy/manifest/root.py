@@ -7,10 +7,10 @@ from typing import Any
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from .. import sizing
-from ..compat import default_backend
+from .. import compat_sglang, sglang_args, sizing
+from ..compat import api_family, default_backend
 from ._base import LABEL, Section, invalid
-from .image import ImageSection, VolumesSection
+from .image import EngineKind, EngineSection, ImageSection, VolumesSection
 from .serving import (
     Auth,
     ColdStartSection,
@@ -32,6 +32,7 @@ class Manifest(Section):
     model_config = ConfigDict(extra="forbid", frozen=True, title="liftdeploy manifest")
 
     app: AppSection
+    engine: EngineSection = EngineSection()
     model: ModelSection
     compute: ComputeSection
     image: ImageSection
@@ -71,6 +72,31 @@ class Manifest(Section):
         return env
 
     @model_validator(mode="after")
+    def _engine_pinned(self) -> Manifest:
+        """The engine's package is pinned (the renderer picks its API by release), the other one is not,
+        and every setting maps onto the pinned engine."""
+        kind = self.engine.kind
+        other = EngineKind.sglang if kind is EngineKind.vllm else EngineKind.vllm
+        version = self.image.pin(str(kind))
+        example = {EngineKind.vllm: "0.9.2", EngineKind.sglang: "0.5.4.post3"}[kind]
+        if version is None:
+            why = " (`engine.kind` is sglang)" if kind is EngineKind.sglang else ""
+            raise invalid(f"`{kind}` must be pinned{why}", f'add `{kind} = "{example}"` (or the release you test with)',
+                          ("image", "pins"))
+        if self.image.pin(str(other)) is not None:
+            raise invalid(f"`{other}` is pinned but `engine.kind` is {kind}",
+                          f'set `[engine] kind = "{other}"`, or drop the `{other}` pin', ("image", "pins"))
+        try:  # the renderer picks the structured-output API by release
+            api_family(version) if kind is EngineKind.vllm else compat_sglang.era(version)
+        except ValueError as exc:  # packaging's InvalidVersion is a ValueError
+            raise invalid(f"`{kind} = \"{version}\"` cannot be rendered: {exc}",
+                          f'pin a {kind} release, e.g. `{kind} = "{example}"`', ("image", "pins", str(kind))) from None
+        if kind is EngineKind.sglang:
+            for at, message, hint in sglang_args.refusals(self):
+                raise invalid(message, hint, at)
+        return self
+
+    @model_validator(mode="after")
     def _across_sections(self) -> Manifest:
         bearer = [(i, ep.label) for i, ep in enumerate(self.endpoints) if ep.auth is Auth.bearer]
         if bearer and not self.secrets.bearer:
@@ -93,6 +119,13 @@ class Manifest(Section):
 
     # ## Derived values used by checks, plan and render
 
+    @property
+    def engine_version(self) -> str:
+        """The pinned release of the engine (`engine.kind`)."""
+        version = self.image.pin(str(self.engine.kind))
+        assert version is not None  # validated
+        return version
+
     @cached_property
     def gpus(self) -> tuple[GpuSpec, ...]:
         """The fallback chain with `any` expanded to every other GPU that fits, cheapest first;
@@ -110,8 +143,14 @@ class Manifest(Section):
 
     @property
     def backend(self) -> str:
-        """The structured-output backend the engine runs: the manifest's, or the pinned vLLM's default."""
-        return self.decoding.backend or default_backend(self.image.vllm)
+        """The structured-output backend the engine runs: the manifest's, else guidance where the pinned
+        engine has it (it compiles length-bounded strings correctly, see the README), else xgrammar."""
+        if self.decoding.backend:
+            return self.decoding.backend
+        if self.engine.kind is EngineKind.sglang:
+            llguidance = compat_sglang.supports(self.engine_version, "grammar-backend-llguidance")
+            return "guidance" if llguidance else "xgrammar"
+        return default_backend(self.engine_version)
 
 
 def json_schema() -> dict[str, Any]:

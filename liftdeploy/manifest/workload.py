@@ -134,7 +134,8 @@ class GpuSpec(BaseModel):
     @classmethod
     def _parse(cls, value: Any) -> Any:
         if not isinstance(value, str):
-            raise invalid(f"expected a GPU name like `\"A100-80GB\"` or `\"H100:2\"`, got {value!r}")
+            raise invalid(f"expected a GPU name like `\"A100-80GB\"` or `\"H100:2\"`, got {value!r}",
+                          'write it as a string, e.g. `gpu = ["A100-80GB", "H100"]`')
         name, _, count = value.partition(":")
         if name.lower() == catalog.ANY_GPU:
             if count:

@@ -52,7 +52,8 @@ class Served:
     headers: dict[str, str]
 
     def get(self, label: str, path: str = "/", **kwargs) -> httpx.Response:
-        return httpx.get(f"{self.url}/{label}{path}", headers=self.headers, timeout=kwargs.pop("timeout", 120), **kwargs)
+        timeout = kwargs.pop("timeout", 120)
+        return httpx.get(f"{self.url}/{label}{path}", headers=self.headers, timeout=timeout, **kwargs)
 
     def post(self, label: str, body: dict, path: str = "/", **kwargs) -> httpx.Response:
         return httpx.post(f"{self.url}/{label}{path}", json=body, headers=self.headers,

@@ -1,4 +1,4 @@
-"""Real vLLM wheels for contract tests, on a machine with no GPU.
+"""Real engine wheels (vLLM, and SGLang below) for contract tests, on a machine with no GPU.
 
 vLLM renamed its structured-output API across releases, so the engine code that liftdeploy renders
 depends on the pinned vLLM version.  This module installs the *real* ``vllm`` wheel of a given
@@ -10,33 +10,34 @@ pydantic, openai, ... -- see ``HOST_MODULES``).
 Only the Python-level API is exercised: ``vllm.sampling_params`` and ``vllm.engine.arg_utils``
 import on CPU; the engine itself (``LLM``, ``AsyncLLMEngine``) needs CUDA and is never started.
 
-Cache layout (root: ``$LIFTDEPLOY_TEST_CACHE`` or ``~/.cache/liftdeploy-tests``)::
+Cache layout, under the test suite's one cache folder (tests/support/cache.py: ``$LIFTDEPLOY_TEST_CACHE``
+or ``~/.cache/liftdeploy-tests``)::
 
     vllm-<version>/            the vllm wheel, installed with --no-deps
-    vllm-deps/                 LIGHT_DEPS, shared by every version
+    vllm-deps/                 LIGHT_DEPS, shared by every version (sglang's too)
+    sglang-<version>/          the sglang wheel, installed with --no-deps
+    sglang-deps/               SGLANG_LIGHT_DEPS
     overlay-<name>/            per-version overlays (e.g. transformers 4.x for vllm < 0.10)
     pip/                       pip's own cache (PIP_CACHE_DIR, unless already set)
     .<dir>.lock                fcntl locks serialising installs of one directory
 
-Each install goes to a temporary sibling directory, gets a marker file, and is renamed into place
-atomically, so a directory with a marker is always complete; concurrent test processes wait on
-the lock and reuse the result.
+Each install gets a marker file written last (``tests.support.cache.cached``), so a directory with
+a marker is always complete; concurrent test processes wait on the lock and reuse the result.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+from tests.support.cache import CACHE_ENV, cache_root, cached
 
 __all__ = [
     "CACHE_ENV",
@@ -49,14 +50,16 @@ __all__ = [
     "deps_site",
     "overlay_site",
     "prefetch",
+    "run_on_path",
+    "run_with_sglang",
     "run_with_vllm",
     "sampling_params_probe",
     "search_path",
+    "sglang_search_path",
+    "sglang_site",
     "vllm_site",
 ]
 
-CACHE_ENV = "LIFTDEPLOY_TEST_CACHE"
-MARKER = ".liftdeploy-complete"
 
 # Packages ``import vllm.sampling_params`` / ``import vllm.engine.arg_utils`` need that a dev venv
 # (torch CPU + transformers + the project's dev extras) usually lacks.  Installed with --no-deps:
@@ -149,30 +152,6 @@ def api_family(version: str) -> str:
     return "structured_outputs"
 
 
-def cache_root() -> Path:
-    root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "liftdeploy-tests")
-    path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    with open(path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def _read_marker(target: Path) -> Any:
-    try:
-        return json.loads((target / MARKER).read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def _pip_install(requirements: Sequence[str], target: Path, *, root: Path) -> None:
     env = dict(os.environ)
     env.setdefault("PIP_CACHE_DIR", str(root / "pip"))
@@ -193,30 +172,8 @@ def _pip_install(requirements: Sequence[str], target: Path, *, root: Path) -> No
 
 def _ensure_target(name: str, requirements: Sequence[str]) -> Path:
     """Install ``requirements`` (--no-deps) into ``<cache>/<name>`` once; return that path."""
-    root = cache_root()
-    target = root / name
     want = {"requirements": list(requirements), "python": f"{sys.version_info[0]}.{sys.version_info[1]}"}
-    if _read_marker(target) == want:
-        return target
-    with _locked(root / f".{name}.lock"):
-        if _read_marker(target) == want:  # somebody else finished while we waited
-            return target
-        for leftover in [*root.glob(f".{name}.tmp-*"), *root.glob(f".{name}.old-*")]:
-            shutil.rmtree(leftover, ignore_errors=True)  # from a killed install; we hold the lock
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
-        try:
-            _pip_install(requirements, tmp, root=root)
-            (tmp / MARKER).write_text(json.dumps(want))
-            tmp.chmod(0o755)  # mkdtemp makes it 0700
-            if target.exists():  # stale or incomplete: move aside, then delete
-                trash = Path(tempfile.mkdtemp(prefix=f".{name}.old-", dir=root))
-                target.rename(trash / "old")
-                shutil.rmtree(trash, ignore_errors=True)
-            tmp.rename(target)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return cached(name, want, lambda target: _pip_install(requirements, target, root=cache_root()))
 
 
 def vllm_site(version: str) -> Path:
@@ -271,7 +228,20 @@ def run_with_vllm(
     Raises :class:`VllmRunError` (with the subprocess's stderr) on a non-zero exit, a timeout or
     a last line that is not a JSON object.
     """
-    paths = [str(p) for p in search_path(version, extra_paths)]
+    return run_on_path(f"vllm {version}", search_path(version, extra_paths), code, timeout=timeout, env=env)
+
+
+def run_on_path(
+    label: str,
+    search: Iterable[str | os.PathLike[str]],
+    code: str,
+    *,
+    timeout: float = 120,
+    env: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Run ``code`` in ``sys.executable`` with ``search`` first on ``PYTHONPATH`` (what every
+    engine's runner shares); the last stdout line is the JSON object returned."""
+    paths = [str(p) for p in search]
     run_env = dict(os.environ)
     inherited = run_env.get("PYTHONPATH")
     if inherited:
@@ -292,10 +262,10 @@ def run_with_vllm(
         )
     except subprocess.TimeoutExpired as exc:
         stderr = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr
-        raise VllmRunError(f"vllm {version}: snippet timed out after {timeout}s\n{(stderr or '')[-6000:]}") from exc
+        raise VllmRunError(f"{label}: snippet timed out after {timeout}s\n{(stderr or '')[-6000:]}") from exc
     if proc.returncode != 0:
         raise VllmRunError(
-            f"vllm {version}: snippet exited with rc={proc.returncode}\n"
+            f"{label}: snippet exited with rc={proc.returncode}\n"
             f"--- stderr ---\n{proc.stderr[-8000:]}\n--- stdout ---\n{proc.stdout[-2000:]}"
         )
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
@@ -305,10 +275,55 @@ def run_with_vllm(
         result = None
     if not isinstance(result, dict):
         raise VllmRunError(
-            f"vllm {version}: last stdout line is not a JSON object\n"
+            f"{label}: last stdout line is not a JSON object\n"
             f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-4000:]}"
         )
     return result
+
+
+# ## SGLang: the same machinery for the second engine
+# sglang's wheels (pure Python up to 0.5.9, then CPython-specific with Rust extensions) are installed
+# --no-deps like vllm's. Its server-argument parser, sampling parameters, request and finish-reason
+# classes import on CPU; its CUDA kernels (sgl-kernel) never load here.
+
+SGLANG_LIGHT_DEPS: tuple[str, ...] = (
+    # what `import sglang.srt.server_args` and `...managers.io_struct` need beyond LIGHT_DEPS and the
+    # host (checked against sglang 0.4.1.post7, 0.4.6.post5, 0.5.3.post1, 0.5.4.post3 and 0.5.23)
+    "ipython==9.18.1", "traitlets==5.16.1", "jedi==0.20.1", "parso==0.8.7", "pexpect==4.9.0",
+    "ptyprocess==0.7.0", "prompt_toolkit==3.0.53", "wcwidth==0.9.4", "stack_data==0.6.3", "asttokens==3.0.2",
+    "executing==2.3.0", "pure_eval==0.2.4", "matplotlib-inline==0.2.2", "ipython-pygments-lexers==1.1.1",
+    "orjson==3.13.0", "partial-json-parser==0.2.1.1.post7", "dill==0.4.1", "sentencepiece==0.2.3",
+    "compressed-tensors==0.20.1", "loguru==0.7.3", "einops==0.8.2",
+)  # fmt: skip
+
+# sglang < 0.5 imports `triton.runtime.cache.default_cache_dir` (gone from the host's triton) and
+# vllm's model-loading code; it was built for torch 2.5/2.6, triton 3.2 and transformers 4.x.
+SGLANG_LEGACY: tuple[str, ...] = ("triton==3.2.0",)
+SGLANG_LEGACY_VLLM = "0.6.5"
+
+
+def sglang_site(version: str) -> Path:
+    """Directory holding the real ``sglang==version`` wheel (installed with --no-deps)."""
+    return _ensure_target(f"sglang-{version}", [f"sglang=={version}"])
+
+
+def sglang_search_path(version: str) -> list[Path]:
+    """The PYTHONPATH entries for sglang ``version``, installing whatever is missing."""
+    paths: list[Path] = []
+    if _vtuple(version) < (0, 5):
+        paths += [_ensure_target("overlay-transformers4", list(LEGACY_TRANSFORMERS)),
+                  _ensure_target("overlay-sglang04", list(SGLANG_LEGACY))]
+    paths += [sglang_site(version), _ensure_target("sglang-deps", list(SGLANG_LIGHT_DEPS)), deps_site()]
+    if _vtuple(version) < (0, 5):
+        paths.append(vllm_site(SGLANG_LEGACY_VLLM))
+    return paths
+
+
+def run_with_sglang(version: str, code: str, *, timeout: float = 300,
+                    env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Like :func:`run_with_vllm`, with the real sglang ``version`` importable."""
+    return run_on_path(f"sglang {version}", sglang_search_path(version), code, timeout=timeout,
+                       env={"HF_HUB_OFFLINE": "1", **(env or {})})
 
 
 _PROBE = r"""
