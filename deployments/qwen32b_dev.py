@@ -4,9 +4,9 @@
 """Schema-constrained JSON generation on Modal: vLLM serves the model and its structured-output
 backend (guidance) constrains every token to the JSON schema sent with each request.
 
-The first half is this deployment: model, images, weights, configuration and the Modal functions.
-The second half is the serving runtime, the same in every liftdeploy module: request validation,
-schemas, the vLLM engine and one small FastAPI app per endpoint.
+Read it top to bottom: first this deployment (model, images, weights, configuration and the Modal
+functions), then the vLLM engine, last the serving runtime every liftdeploy module shares (request
+validation, schemas, one small FastAPI app per endpoint).
 """
 
 # No `from __future__ import annotations`: FastAPI resolves a string annotation in the
@@ -33,6 +33,7 @@ APP_NAME = "lift-sys-inference-dev"
 MODEL_NAME = "Qwen/Qwen2.5-Coder-7B-Instruct"
 MODEL_REVISION = "c03e6d358207e414f1eca0bb1891e29f1db0e242"  # avoid surprises when the repo updates
 VLLM_VERSION = "0.9.2"
+ENGINE_NAME = f"vLLM {VLLM_VERSION}"
 # GPUs to try, in this order.
 GPU = ["A10G", "L4"]
 
@@ -93,8 +94,11 @@ ENGINE_ARGS = {
 }
 # The structured-output backend the engine runs (one per engine: vLLM compiles every grammar with it).
 BACKEND = "guidance"
-COMPACT_JSON = True  # no free whitespace between JSON tokens
-CHAT_TEMPLATE_KWARGS = {}
+COMPACT_JSON = True  # no free whitespace between JSON tokens (in ENGINE_ARGS too)
+# Hybrid-thinking models (Qwen3) answer at once, no thinking first; other chat templates ignore it.
+CHAT_TEMPLATE_KWARGS = {"enable_thinking": False}
+
+# Request limits
 DEFAULT_MAX_TOKENS = 2048
 MAX_TOKENS_LIMIT = 8192
 DEFAULT_TEMPERATURE = 0.3
@@ -165,8 +169,178 @@ def main():
     print(Inference().ping.remote())
 
 
+
+# ## The engine
+# vllm is imported only inside the container, so this module imports anywhere.
+
+
+def engine_args(**overrides: Any):
+    """vLLM's AsyncEngineArgs for this deployment (`overrides` replace ENGINE_ARGS entries)."""
+    from vllm import AsyncEngineArgs
+
+    return AsyncEngineArgs(**{**ENGINE_ARGS, **overrides})
+
+
+def sampling_params(schema: dict[str, Any] | None, *, max_tokens: int, temperature: float, top_p: float):
+    """vLLM's SamplingParams for one request, constrained to `schema` when given."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import GuidedDecodingParams
+
+    guided = GuidedDecodingParams(json=schema) if schema is not None else None
+    return SamplingParams(
+        max_tokens=max_tokens, temperature=temperature, top_p=top_p, guided_decoding=guided
+    )
+
+
+class VLLMEngine:
+    """vLLM's async engine: concurrent requests are batched on the GPU, not serialized."""
+
+    is_smoke = False
+
+    def __init__(self, **overrides: Any) -> None:
+        self.overrides = overrides  # `liftdeploy serve --local --engine vllm` runs a local model
+        self.name = overrides.get("model", MODEL_NAME)
+        self.ready = False
+        self.dead = False
+        self.load_seconds: float | None = None
+        self.schemas = SchemaGate(self.prepare)
+
+    def start(self) -> None:
+        from transformers import AutoTokenizer
+        from vllm import AsyncLLMEngine
+
+        started = time.monotonic()
+        args = engine_args(**self.overrides)
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            args.model, revision=args.revision, trust_remote_code=args.trust_remote_code
+        )
+        self.engine = AsyncLLMEngine.from_engine_args(args)
+        self._backend = None  # vLLM's own grammar backend, built at the first schema
+        self.load_seconds = time.monotonic() - started
+        self.ready = True
+
+    def stop(self) -> None:
+        self.ready = False
+        self.engine.shutdown()
+
+    def _grammar_backend(self):
+        """The structured-output backend class vLLM's engine core compiles every grammar with."""
+        if self._backend is None:
+            if BACKEND == "guidance":
+                from vllm.v1.structured_output.backend_guidance import GuidanceBackend as Backend
+            else:
+                from vllm.v1.structured_output.backend_xgrammar import XgrammarBackend as Backend
+            config = self.engine.vllm_config
+            self._backend = Backend(config, tokenizer=self.tokenizer, vocab_size=config.model_config.get_vocab_size())
+        return self._backend
+
+    def prepare(self, schema: dict[str, Any]) -> dict[str, Any]:
+        """The schema to constrain with, checked by vLLM's own validators and compiled by the
+        engine's backend; ValueError with vLLM's reason when the engine cannot take it.
+
+        One backend serves every request, so the pre-check decides what it is given: a schema that
+        only XGrammar's validator accepts is served by llguidance leniently (`guidance_schema`);
+        with XGrammar, bounded strings are rewritten (`xgrammar_safe`)."""
+        import jsonschema
+        from vllm.v1.structured_output.backend_guidance import validate_guidance_grammar
+        from vllm.v1.structured_output.backend_types import StructuredOutputOptions
+        from vllm.v1.structured_output.backend_xgrammar import validate_xgrammar_grammar
+
+        try:
+            jsonschema.validators.validator_for(schema).check_schema(schema)
+        except jsonschema.SchemaError as exc:
+            raise ValueError(f"invalid JSON Schema: {exc.message}") from None
+        except RecursionError:
+            raise ValueError("the schema nests too deeply to be checked") from None
+        backend = self._grammar_backend()
+
+        def refused(check, constrained: dict[str, Any], **kwargs: Any) -> str | None:
+            try:
+                check(sampling_params(constrained, max_tokens=1, temperature=1.0, top_p=1.0), **kwargs)
+            except Exception as exc:  # ValueError, or VLLMValidationError in newer releases
+                return str(exc).splitlines()[0][:500] if str(exc) else type(exc).__name__
+            return None
+
+        if BACKEND == "guidance":
+            constrained = guidance_schema(schema)
+            why = refused(validate_guidance_grammar, constrained, tokenizer=backend.ll_tokenizer)
+            if why is not None and refused(validate_xgrammar_grammar, schema) is None:
+                constrained = guidance_schema(schema, lenient=True)
+                why = refused(validate_guidance_grammar, constrained, tokenizer=backend.ll_tokenizer)
+        else:
+            constrained = xgrammar_safe(schema)
+            why = refused(validate_xgrammar_grammar, constrained)
+        if why is not None:
+            raise ValueError(why)
+        try:
+            grammar = backend.compile_grammar(StructuredOutputOptions.JSON, json.dumps(constrained))
+        except Exception as exc:
+            raise ValueError(f"{BACKEND} cannot compile the schema: {str(exc).splitlines()[0][:400]}") from None
+        first = backend.allocate_token_bitmask(1)  # the engine's first step: which tokens may start
+        grammar.fill_bitmask(first, 0)
+        matcher = getattr(grammar, "ll_matcher", None)  # llguidance reports errors instead of raising
+        error = matcher.get_error() if matcher is not None else ""
+        if error or not first.any():
+            why = f" ({error.splitlines()[0][:200]})" if error else ""
+            raise ValueError(f"the schema admits no JSON value{why}")
+        return constrained
+
+    def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, **CHAT_TEMPLATE_KWARGS
+        )
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    async def generate(self, messages: list[dict[str, str]], schema: dict[str, Any] | None, *,
+                       max_tokens: int, temperature: float, top_p: float) -> dict[str, Any]:
+        """One generation; cancelling the caller aborts it in the engine. ValueError when vLLM
+        refuses the request, Busy when the engine has died (the container should be replaced)."""
+        ids = self.prompt_ids(messages)
+        params = sampling_params(schema, max_tokens=max_tokens, temperature=temperature, top_p=top_p)
+        final = None
+        try:
+            async for output in self.engine.generate({"prompt_token_ids": ids}, params, uuid.uuid4().hex):
+                final = output
+        except ValueError:
+            raise
+        except Exception as exc:
+            if type(exc).__name__ == "EngineDeadError" or self.engine.errored:
+                await asyncio.to_thread(self._died)
+                raise Busy("the engine has stopped") from None
+            if any(cls.__name__ == "VLLMClientError" for cls in type(exc).__mro__):
+                raise ValueError(str(exc).splitlines()[0][:500]) from None
+            raise
+        completion = final.outputs[0]
+        if completion.finish_reason == "error":  # vLLM's grammar rejected a token its own mask allowed
+            raise ValueError("the grammar rejected a token its own mask allowed: the schema cannot be followed")
+        if completion.finish_reason not in ("stop", "length"):  # "abort": vLLM ended it, not the model
+            raise Busy(f"generation ended with {completion.finish_reason!r}")
+        return {
+            "text": completion.text,
+            "prompt_tokens": len(final.prompt_token_ids or []),
+            "completion_tokens": len(completion.token_ids),
+            "finish_reason": completion.finish_reason,
+        }
+
+    def _died(self) -> None:
+        """The engine process is gone: answer 503s, and on Modal let this container be replaced."""
+        if self.dead:
+            return
+        self.dead, self.ready = True, False
+        if not modal.is_local():
+            try:
+                modal.experimental.stop_fetching_inputs()  # Modal starts a fresh container
+            except Exception as exc:
+                print(f"could not stop fetching inputs: {exc!r}")
+
+    def running(self) -> int:
+        """Requests in the engine right now."""
+        return self.engine.get_num_unfinished_requests() if self.ready else 0
+
+
 # ----------------------------------------------------------------------------------------------
-# The serving runtime: the same in every module liftdeploy renders, below this line.
+# The serving runtime: the same in every module liftdeploy renders, below this line; it calls the
+# engine above through start / prepare / generate / running.
 # ----------------------------------------------------------------------------------------------
 
 # ## Request validation
@@ -422,174 +596,6 @@ class Busy(Exception):
     """The container cannot take this request now; the client may retry (503)."""
 
 
-# ## The engine
-# vllm is imported only inside the container, so this module imports anywhere.
-
-
-def engine_args(**overrides: Any):
-    """vLLM's AsyncEngineArgs for this deployment (`overrides` replace ENGINE_ARGS entries)."""
-    from vllm import AsyncEngineArgs
-
-    return AsyncEngineArgs(**{**ENGINE_ARGS, **overrides})
-
-
-def sampling_params(schema: dict[str, Any] | None, *, max_tokens: int, temperature: float, top_p: float):
-    """vLLM's SamplingParams for one request, constrained to `schema` when given."""
-    from vllm import SamplingParams
-    from vllm.sampling_params import GuidedDecodingParams
-
-    guided = GuidedDecodingParams(json=schema) if schema is not None else None
-    return SamplingParams(
-        max_tokens=max_tokens, temperature=temperature, top_p=top_p, guided_decoding=guided
-    )
-
-
-class VLLMEngine:
-    """vLLM's async engine: concurrent requests are batched on the GPU, not serialized."""
-
-    is_smoke = False
-
-    def __init__(self, **overrides: Any) -> None:
-        self.overrides = overrides  # `liftdeploy serve --local --engine vllm` runs a local model
-        self.name = overrides.get("model", MODEL_NAME)
-        self.ready = False
-        self.dead = False
-        self.load_seconds: float | None = None
-        self.schemas = SchemaGate(self.prepare)
-
-    def start(self) -> None:
-        from transformers import AutoTokenizer
-        from vllm import AsyncLLMEngine
-
-        started = time.monotonic()
-        args = engine_args(**self.overrides)
-        self.tokenizer = AutoTokenizer.from_pretrained(
-            args.model, revision=args.revision, trust_remote_code=args.trust_remote_code
-        )
-        self.engine = AsyncLLMEngine.from_engine_args(args)
-        self._backend = None  # vLLM's own grammar backend, built at the first schema
-        self.load_seconds = time.monotonic() - started
-        self.ready = True
-
-    def stop(self) -> None:
-        self.ready = False
-        self.engine.shutdown()
-
-    def _grammar_backend(self):
-        """The structured-output backend class vLLM's engine core compiles every grammar with."""
-        if self._backend is None:
-            if BACKEND == "guidance":
-                from vllm.v1.structured_output.backend_guidance import GuidanceBackend as Backend
-            else:
-                from vllm.v1.structured_output.backend_xgrammar import XgrammarBackend as Backend
-            config = self.engine.vllm_config
-            self._backend = Backend(config, tokenizer=self.tokenizer, vocab_size=config.model_config.get_vocab_size())
-        return self._backend
-
-    def prepare(self, schema: dict[str, Any]) -> dict[str, Any]:
-        """The schema to constrain with, checked by vLLM's own validators and compiled by the
-        engine's backend; ValueError with vLLM's reason when the engine cannot take it.
-
-        One backend serves every request, so the pre-check decides what it is given: a schema that
-        only XGrammar's validator accepts is served by llguidance leniently (`guidance_schema`);
-        with XGrammar, bounded strings are rewritten (`xgrammar_safe`)."""
-        import jsonschema
-        from vllm.v1.structured_output.backend_guidance import validate_guidance_grammar
-        from vllm.v1.structured_output.backend_types import StructuredOutputOptions
-        from vllm.v1.structured_output.backend_xgrammar import validate_xgrammar_grammar
-
-        try:
-            jsonschema.validators.validator_for(schema).check_schema(schema)
-        except jsonschema.SchemaError as exc:
-            raise ValueError(f"invalid JSON Schema: {exc.message}") from None
-        except RecursionError:
-            raise ValueError("the schema nests too deeply to be checked") from None
-        backend = self._grammar_backend()
-
-        def refused(check, constrained: dict[str, Any], **kwargs: Any) -> str | None:
-            try:
-                check(sampling_params(constrained, max_tokens=1, temperature=1.0, top_p=1.0), **kwargs)
-            except Exception as exc:  # ValueError, or VLLMValidationError in newer releases
-                return str(exc).splitlines()[0][:500] if str(exc) else type(exc).__name__
-            return None
-
-        if BACKEND == "guidance":
-            constrained = guidance_schema(schema)
-            why = refused(validate_guidance_grammar, constrained, tokenizer=backend.ll_tokenizer)
-            if why is not None and refused(validate_xgrammar_grammar, schema) is None:
-                constrained = guidance_schema(schema, lenient=True)
-                why = refused(validate_guidance_grammar, constrained, tokenizer=backend.ll_tokenizer)
-        else:
-            constrained = xgrammar_safe(schema)
-            why = refused(validate_xgrammar_grammar, constrained)
-        if why is not None:
-            raise ValueError(why)
-        try:
-            grammar = backend.compile_grammar(StructuredOutputOptions.JSON, json.dumps(constrained))
-        except Exception as exc:
-            raise ValueError(f"{BACKEND} cannot compile the schema: {str(exc).splitlines()[0][:400]}") from None
-        first = backend.allocate_token_bitmask(1)  # the engine's first step: which tokens may start
-        grammar.fill_bitmask(first, 0)
-        matcher = getattr(grammar, "ll_matcher", None)  # llguidance reports errors instead of raising
-        error = matcher.get_error() if matcher is not None else ""
-        if error or not first.any():
-            why = f" ({error.splitlines()[0][:200]})" if error else ""
-            raise ValueError(f"the schema admits no JSON value{why}")
-        return constrained
-
-    def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True, **CHAT_TEMPLATE_KWARGS
-        )
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    async def generate(self, messages: list[dict[str, str]], schema: dict[str, Any] | None, *,
-                       max_tokens: int, temperature: float, top_p: float) -> dict[str, Any]:
-        """One generation; cancelling the caller aborts it in the engine. ValueError when vLLM
-        refuses the request, Busy when the engine has died (the container should be replaced)."""
-        ids = self.prompt_ids(messages)
-        params = sampling_params(schema, max_tokens=max_tokens, temperature=temperature, top_p=top_p)
-        final = None
-        try:
-            async for output in self.engine.generate({"prompt_token_ids": ids}, params, uuid.uuid4().hex):
-                final = output
-        except ValueError:
-            raise
-        except Exception as exc:
-            if type(exc).__name__ == "EngineDeadError" or self.engine.errored:
-                await asyncio.to_thread(self._died)
-                raise Busy("the engine has stopped") from None
-            if any(cls.__name__ == "VLLMClientError" for cls in type(exc).__mro__):
-                raise ValueError(str(exc).splitlines()[0][:500]) from None
-            raise
-        completion = final.outputs[0]
-        if completion.finish_reason == "error":  # vLLM's grammar rejected a token its own mask allowed
-            raise ValueError("the grammar rejected a token its own mask allowed: the schema cannot be followed")
-        if completion.finish_reason not in ("stop", "length"):  # "abort": vLLM ended it, not the model
-            raise Busy(f"generation ended with {completion.finish_reason!r}")
-        return {
-            "text": completion.text,
-            "prompt_tokens": len(final.prompt_token_ids or []),
-            "completion_tokens": len(completion.token_ids),
-            "finish_reason": completion.finish_reason,
-        }
-
-    def _died(self) -> None:
-        """The engine process is gone: answer 503s, and on Modal let this container be replaced."""
-        if self.dead:
-            return
-        self.dead, self.ready = True, False
-        if not modal.is_local():
-            try:
-                modal.experimental.stop_fetching_inputs()  # Modal starts a fresh container
-            except Exception as exc:
-                print(f"could not stop fetching inputs: {exc!r}")
-
-    def running(self) -> int:
-        """Requests in the engine right now."""
-        return self.engine.get_num_unfinished_requests() if self.ready else 0
-
-
 # ## HTTP endpoints
 # One FastAPI app per endpoint. Modal serves each at its own URL; `liftdeploy serve --local`
 # serves these same apps on a local engine, under /<label>.
@@ -718,7 +724,7 @@ def health_app(engine: Any, auth: str):
             "status": "healthy",
             "model": MODEL_NAME,
             "gpu": GPU,
-            "backend": f"vLLM {VLLM_VERSION} with {BACKEND}",
+            "backend": f"{ENGINE_NAME} with {BACKEND}",
             "smoke_model": bool(getattr(engine, "is_smoke", False)),
         }
 
@@ -751,13 +757,11 @@ def verdict(result: dict[str, Any], schema: dict[str, Any], max_tokens: int) -> 
     if result["finish_reason"] == "length":
         return None, f"cut by max_tokens ({max_tokens}) before the JSON was finished"
     try:
-        json.loads(result["text"])
-    except ValueError:  # the grammar let the model stop mid-document: a dead end of the schema
+        parsed = json.loads(result["text"], parse_float=_finite_float)
+    except json.JSONDecodeError:  # the grammar let the model stop mid-document: a dead end of the schema
         raise HTTPException(400, detail="schema cannot be used for constrained decoding: it admits no complete "
                                         f"JSON value after {result['text'][-80:]!r}") from None
-    try:
-        parsed = json.loads(result["text"], parse_float=_finite_float)
-    except ValueError as exc:  # a number Python cannot hold (1e999, 5000 digits)
+    except ValueError as exc:  # valid JSON, but a number Python cannot hold (1e999, 5000 digits)
         return None, f"not a JSON value this API can return: {str(exc)[:200]}"
     return parsed, schema_problem(parsed, schema)
 

@@ -116,7 +116,7 @@ def engine_args(m: Manifest) -> dict[str, Any]:
         args["enforce_eager"] = True  # no CUDA graphs or torch.compile: faster start, slower tokens
     if m.volumes.weights:
         args["download_dir"] = m.volumes.weights.mount + "/hub"
-    compact = m.decoding.whitespace == "compact" and v1_structured_output(m.image.vllm)
+    compact = m.whitespace == "compact"
     if api_family(m.image.vllm) == "guided_decoding":
         args["guided_decoding_backend"] = m.backend
         if compact:
@@ -129,9 +129,9 @@ def engine_args(m: Manifest) -> dict[str, Any]:
 
 
 def chat_template_kwargs(m: Manifest) -> dict[str, Any]:
-    """Hybrid-thinking models (Qwen3) answer at once: constrained output leaves no room to think."""
-    known = m.model.known
-    return {"enable_thinking": False} if known is not None and known.family.startswith("qwen3") else {}
+    """Hybrid-thinking models (Qwen3) answer at once: constrained output leaves no room to think.
+    Other chat templates ignore the variable."""
+    return {"enable_thinking": False}
 
 
 def image_env(m: Manifest) -> dict[str, str]:
@@ -200,7 +200,7 @@ def context(loaded: Loaded) -> dict[str, Any]:
         "sha256": loaded.sha256,
         "gpu_chain": m.gpu_chain(),
         "backend": m.backend,
-        "whitespace": m.decoding.whitespace,
+        "whitespace": m.whitespace,
         "chat_template_kwargs": chat_template_kwargs(m),
         "volumes_expr": "{" + ", ".join(mounts) + "}" if mounts else "",
         "secrets": secrets,

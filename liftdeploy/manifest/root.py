@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from .. import compat_sglang, sglang_args, sizing
-from ..compat import api_family, default_backend
+from ..compat import api_family, default_backend, v1_structured_output
 from ._base import LABEL, Section, invalid
 from .image import EngineKind, EngineSection, ImageSection, VolumesSection
 from .serving import (
@@ -140,6 +140,17 @@ class Manifest(Section):
     def gpu_chain(self) -> list[str]:
         """The expanded chain as Modal's `gpu=` strings."""
         return [str(g) for g in self.gpus]
+
+    @property
+    def whitespace(self) -> str:
+        """`compact` or `any`: the manifest's, else compact where the pinned engine can keep JSON compact."""
+        if self.decoding.whitespace:
+            return self.decoding.whitespace
+        if self.engine.kind is EngineKind.sglang:
+            can = compat_sglang.supports(self.engine_version, "disable-any-whitespace")
+        else:
+            can = v1_structured_output(self.engine_version)
+        return "compact" if can else "any"
 
     @property
     def backend(self) -> str:

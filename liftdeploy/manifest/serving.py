@@ -109,9 +109,10 @@ class DecodingSection(Section):
         None, description="Structured-output backend inside vLLM; default: guidance where the pinned vLLM "
         "has it (0.9 and later), else xgrammar.",
     )
-    whitespace: Literal["compact", "any"] = Field(
-        "compact", description="`compact`: no free whitespace between JSON tokens (fewer tokens, needs vLLM 0.9 "
-        "or later); `any`: the backend's default, which lets the model spend tokens on whitespace.",
+    whitespace: Literal["compact", "any"] | None = Field(
+        None, description="`compact`: no free whitespace between JSON tokens (fewer tokens; vLLM 0.9 or later, "
+        "SGLang 0.5.3.post2 or later); `any`: the backend's default, which lets the model spend tokens on "
+        "whitespace. Default: compact where the pinned engine can, else any.", examples=["compact"],
     )
     retries_on_invalid: int = Field(
         2, ge=0, le=5, description="Times `generate` samples again when a finished output breaks its schema: "
