@@ -13,7 +13,11 @@ have behaviour, all others answer ``UNIMPLEMENTED`` naming the method, so a gap 
 
 Served RPCs (what ``modal deploy`` / ``App.deploy()`` / ``modal app stop`` call):
 
-* session: ``ClientHello``, ``EnvironmentGetOrCreate`` (environment "main", builder 2025.06)
+* session: ``ClientHello``, ``EnvironmentGetOrCreate`` (builder 2025.06), ``EnvironmentList``,
+  ``WorkspaceNameLookup``. Environments: by default every name exists (the default one with an
+  empty web suffix, any other with its own name as suffix); pass ``environments={name: web_suffix}``
+  (or call :meth:`ModalControlPlane.add_environment`) and only those exist: anything else is
+  ``NOT_FOUND``, as on a workspace where it was never created
 * apps: ``AppGetByDeploymentName``, ``AppCreate``, ``AppGetLayout``, ``AppHeartbeat``,
   ``AppPublish``, ``AppClientDisconnect``, ``AppGetLifecycle``, ``AppLookup``, ``AppStop``,
   ``TaskList`` (always no containers)
@@ -25,7 +29,9 @@ Served RPCs (what ``modal deploy`` / ``App.deploy()`` / ``modal app stop`` call)
 * mounts: ``MountBatchedCheckExistence``, ``MountPutFile`` (stores inline file data, replies
   ``exists=True``), ``MountGetOrCreate`` (keeps the file contents: :attr:`mounts`)
 * functions: ``FunctionPrecreate``, ``FunctionCreate`` (answers web URLs
-  ``https://<workspace>--<label>.modal.run``), ``ClassCreate``
+  ``https://<workspace>[-<web suffix>]--<label>.modal.run``; a generated host over 63 characters
+  is cut to 56 plus ``-`` and 6 hex digits of its SHA-256, Modal's documented truncation),
+  ``ClassCreate``
 
 Helper API (see the methods for details)::
 
@@ -115,11 +121,13 @@ class ModalControlPlane:
     """
 
     def __init__(self, workspace: str = "test-workspace", environment: str = "main",
-                 web_url_base: str | None = None):
+                 web_url_base: str | None = None, environments: dict[str, str] | None = None):
         self.workspace = workspace
         # When set (e.g. a `serve --local` server), web URLs point there: `<base>/<label>`.
         self.web_url_base = web_url_base
         self.default_environment = environment
+        # name -> web suffix; None: every environment exists (see `web_suffix`)
+        self.environments: dict[str, str] | None = None if environments is None else dict(environments)
         self.requests: list[tuple[str, Message]] = []
         self.apps: dict[str, DeployedApp] = {}  # by app id
         self.volumes: dict[tuple[str, str], str] = {}  # (environment, name) -> vo- id
@@ -223,6 +231,22 @@ class ModalControlPlane:
         """Make the next image build report GENERIC_STATUS_FAILURE with this exception text."""
         self._image_build_failure = exception
 
+    def add_environment(self, name: str, web_suffix: str | None = None) -> None:
+        """Create an environment (as `modal environment create` would); its web suffix defaults to
+        its name. From then on only declared environments exist."""
+        if self.environments is None:
+            self.environments = {self.default_environment: ""}
+        self.environments[name] = name if web_suffix is None else web_suffix
+
+    def web_suffix(self, environment: str) -> str:
+        """The web suffix of an environment (raises NOT_FOUND for an undeclared one)."""
+        env = environment or self.default_environment
+        if self.environments is None:
+            return "" if env == self.default_environment else env
+        if env not in self.environments:
+            raise GRPCError(grpclib.Status.NOT_FOUND, f"Environment '{env}' not found")
+        return self.environments[env]
+
     def add_secret(self, name: str, env_dict: dict[str, str] | None = None, environment: str = "") -> str:
         """Create a named Secret (as `modal secret create` would); returns its `st-` id."""
         key = (environment or self.default_environment, name)
@@ -255,9 +279,11 @@ class ModalControlPlane:
     def web_url(self, label: str, environment: str = "") -> str:
         if self.web_url_base:
             return f"{self.web_url_base.rstrip('/')}/{label}"
-        env = environment or self.default_environment
-        env_part = "" if env == self.default_environment else f"-{env}"
-        return f"https://{self.workspace}{env_part}--{label}.modal.run"
+        suffix = self.web_suffix(environment)
+        host = f"{self.workspace}{'-' + suffix if suffix else ''}--{label}"
+        if len(host) > 63:  # https://modal.com/docs/guide/webhook-urls#truncation
+            host = host[:56] + "-" + hashlib.sha256(host.encode()).hexdigest()[:6]
+        return f"https://{host}.modal.run"
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> Self:
@@ -321,14 +347,41 @@ class ModalControlPlane:
 
     def EnvironmentGetOrCreate(self, req):
         name = req.deployment_name or self.default_environment
-        settings = api_pb2.EnvironmentSettings(image_builder_version=BUILDER_VERSION, webhook_suffix="")
+        if (
+            self.environments is not None
+            and name not in self.environments
+            and req.object_creation_type == api_pb2.OBJECT_CREATION_TYPE_CREATE_IF_MISSING
+        ):
+            self.add_environment(name)
+        settings = api_pb2.EnvironmentSettings(
+            image_builder_version=BUILDER_VERSION, webhook_suffix=self.web_suffix(name)
+        )
         return api_pb2.EnvironmentGetOrCreateResponse(
             environment_id=_hashed_id("en", name.encode()),
             metadata=api_pb2.EnvironmentMetadata(name=name, settings=settings),
         )
 
+    def EnvironmentList(self, req):
+        names = self.environments or {self.default_environment: ""}
+        return api_pb2.EnvironmentListResponse(
+            items=[
+                api_pb2.EnvironmentListItem(
+                    name=name,
+                    webhook_suffix=suffix,
+                    default=name == self.default_environment,
+                    environment_id=_hashed_id("en", name.encode()),
+                )
+                for name, suffix in names.items()
+            ]
+        )
+
+    def WorkspaceNameLookup(self, req):
+        return api_pb2.WorkspaceNameLookupResponse(workspace_name=self.workspace, username=self.workspace)
+
     def _env(self, name: str) -> str:
-        return name or self.default_environment
+        env = name or self.default_environment
+        self.web_suffix(env)  # NOT_FOUND for an environment that was never created
+        return env
 
     def _lifecycle(self, app: DeployedApp) -> api_pb2.AppLifecycle:
         lc = api_pb2.AppLifecycle(app_state=app.state, version=app.version)
