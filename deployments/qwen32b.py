@@ -30,6 +30,8 @@ APP_NAME = "lift-sys-inference"
 MODEL_NAME = "Qwen/Qwen2.5-Coder-32B-Instruct"
 MODEL_REVISION = "b47205940b83b5b484577359f71ee7b88472df67"  # avoid surprises when the repo updates
 VLLM_VERSION = "0.9.2"
+THINKING = False
+
 # GPUs to try, in this order.
 GPU = ["A100-80GB", "H100"]
 
@@ -85,14 +87,16 @@ MAX_SCHEMA_DEPTH = 32
 MAX_BODY_BYTES = 1048576
 SCHEMA_COMPILE_TIMEOUT = 10.0  # seconds
 SCHEMA_COMPILERS = 4  # schemas compiled at once; one more is refused (503), not queued
-MAX_INPUTS = 20  # requests one container serves at once
-QUEUE = 0  # requests that may wait beyond MAX_INPUTS before a 503
+# Requests one container serves at once: Modal sends a container no more (@modal.concurrent) and
+# vLLM batches exactly that many (max_num_seqs). Past it, Modal queues requests for another container.
+MAX_INPUTS = 20
 
-# Each endpoint is its own URL: https://<workspace>--<label>.modal.run
+# Each endpoint is its own URL, claimed for the whole Modal environment:
+# https://<workspace>[-<web suffix>]--<label>.modal.run
 ENDPOINTS = [
-    {"kind": "health", "label": "health", "auth": "none"},
-    {"kind": "generate", "label": "generate", "auth": "proxy"},
-    {"kind": "warmup", "label": "warmup", "auth": "proxy"},
+    {"kind": "health", "label": "lift-sys-inference-health", "auth": "none"},
+    {"kind": "generate", "label": "lift-sys-inference-generate", "auth": "proxy"},
+    {"kind": "warmup", "label": "lift-sys-inference-warmup", "auth": "proxy"},
 ]
 
 
@@ -166,6 +170,8 @@ ENGINE_ARGS = {
     "tensor_parallel_size": 1,
     "gpu_memory_utilization": 0.9,
     "trust_remote_code": False,
+    "max_num_seqs": 20,
+    "compilation_config": {"cudagraph_capture_sizes": [1, 2, 4, 8, 16, 20]},
     "download_dir": "/models/hub",
     "guided_decoding_backend": "xgrammar",
 }
@@ -174,8 +180,12 @@ ENGINE_ARGS = {
 def engine_args():
     """vLLM's AsyncEngineArgs for this deployment."""
     from vllm import AsyncEngineArgs
+    from vllm.config import CompilationConfig
 
-    return AsyncEngineArgs(**ENGINE_ARGS)
+    args = dict(ENGINE_ARGS)
+    # Some releases (0.9.x) cannot parse this config from a dict: pass the object.
+    args["compilation_config"] = CompilationConfig(**args["compilation_config"])
+    return AsyncEngineArgs(**args)
 
 
 def sampling_params(schema: dict[str, Any] | None, *, max_tokens: int, temperature: float, top_p: float):
@@ -298,7 +308,7 @@ def create_app(kind: str, engine: Any = None, auth: str = "none"):
     async def constrained(messages: list[dict[str, str]], schema: dict[str, Any] | None, *,
                           max_tokens: int, temperature: float, top_p: float) -> dict[str, Any]:
         nonlocal in_flight
-        if in_flight >= MAX_INPUTS + QUEUE:
+        if in_flight >= MAX_INPUTS:  # only `serve --local`: on Modal no container gets more than MAX_INPUTS
             raise unavailable(f"{in_flight} requests in flight")
         if engine is None or not engine.ready:
             raise unavailable("the model is still loading")
@@ -382,6 +392,8 @@ def create_app(kind: str, engine: Any = None, auth: str = "none"):
 
 
 # ## Modal functions
+# Every setting below is Modal's own, with Modal's meaning:
+# https://modal.com/docs/guide/scale, https://modal.com/docs/guide/concurrent-inputs
 
 app = modal.App(APP_NAME)
 
@@ -391,8 +403,8 @@ app = modal.App(APP_NAME)
     timeout=1 * MINUTES,  # no GPU: answers in milliseconds, even while the model is cold
 )
 @modal.concurrent(max_inputs=100)
-@modal.asgi_app(label="health")
-def web_health():
+@modal.asgi_app(label="lift-sys-inference-health")
+def web_lift_sys_inference_health():
     return create_app("health", auth="none")
 
 
@@ -413,15 +425,15 @@ class Inference:
 
     @modal.method()
     def ping(self) -> dict[str, Any]:
-        """Called by the keep-warm schedule and `modal run`: reports the loaded model."""
+        """Called by `modal run`: reports the loaded model."""
         return {"model": self.engine.name, "ready": self.engine.ready, "load_seconds": self.engine.load_seconds}
 
-    @modal.asgi_app(label="generate", requires_proxy_auth=True)
-    def web_generate(self):
+    @modal.asgi_app(label="lift-sys-inference-generate", requires_proxy_auth=True)
+    def web_lift_sys_inference_generate(self):
         return create_app("generate", self.engine, auth="proxy")
 
-    @modal.asgi_app(label="warmup", requires_proxy_auth=True)
-    def web_warmup(self):
+    @modal.asgi_app(label="lift-sys-inference-warmup", requires_proxy_auth=True)
+    def web_lift_sys_inference_warmup(self):
         return create_app("warmup", self.engine, auth="proxy")
 
 

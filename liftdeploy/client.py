@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 import httpx
 
+from . import urls
 from .errors import LiftdeployError
 
 RETRY_STATUSES = frozenset({502, 503, 504})
@@ -107,12 +108,10 @@ class Endpoints:
         return cls.at({ep.label: f"{base}/{ep.label}" for ep in endpoints}, endpoints)
 
     @classmethod
-    def modal(cls, workspace: str, environment: str, endpoints: Iterable[EndpointLike]) -> Endpoints:
-        """Modal's URLs (`urls.modal_url`) for a deployed app."""
-        from .urls import modal_urls
-
+    def modal(cls, workspace: str, web_suffix: str, endpoints: Iterable[EndpointLike]) -> Endpoints:
+        """Modal's URLs (`urls.modal_urls`) for a deployed app."""
         endpoints = list(endpoints)
-        return cls.at(modal_urls(workspace, environment, endpoints), endpoints)
+        return cls.at(urls.modal_urls(workspace, web_suffix, endpoints), endpoints)
 
     @staticmethod
     def kinds(endpoints: Iterable[EndpointLike]) -> dict[str, str]:
@@ -193,7 +192,7 @@ class _Base:
         if not m.app.workspace:
             raise ClientError("the manifest has no `app.workspace`, so its URLs are unknown",
                               hint="set `app.workspace` or pass a base URL")
-        return cls(Endpoints.modal(m.app.workspace, m.app.environment, m.endpoints), kinds, **kwargs)
+        return cls(Endpoints.modal(m.app.workspace, m.app.assumed_web_suffix, m.endpoints), kinds, **kwargs)
 
     @classmethod
     def for_url(cls, base_url: str, endpoints: list[dict[str, str]] | None = None, *, auth: str = "auto",

@@ -49,6 +49,8 @@ def settings(loaded: Loaded) -> dict[str, Any]:
         "model.max_model_len": m.model.max_model_len,
         "model.quantization": m.model.quantization,
         "model.tensor_parallel_size": m.model.tensor_parallel_size,
+        "model.thinking": m.model.thinking,
+        "model.reasoning_parser": m.model.parser if m.model.thinking else None,
         "compute.gpu": " → ".join(m.gpu_chain()),
         "compute.cpu": m.compute.cpu,
         "compute.memory": m.compute.memory,
@@ -60,12 +62,19 @@ def settings(loaded: Loaded) -> dict[str, Any]:
         volume = getattr(m.volumes, role)
         if volume:
             out[f"volumes.{role}"] = f"{volume.name} at {volume.mount}"
-    out.update({f"scaling.{k}": v for k, v in m.scaling.model_dump().items()})
+    out.update({f"scaling.{k}": v for k, v in m.scaling.model_dump(exclude={"business_hours"}).items()})
+    hours = m.scaling.business_hours
+    if hours:
+        out["scaling.business_hours"] = (f"{hours.start}–{hours.end} {hours.timezone}, days {hours.days}: "
+                                         f"min_containers {hours.min_containers}"
+                                         + (f", buffer_containers {hours.buffer_containers}"
+                                            if hours.buffer_containers is not None else ""))
     out.update({f"concurrency.{k}": v for k, v in m.concurrency.model_dump().items()})
     out.update({f"cold_start.{k}": v for k, v in m.cold_start.model_dump().items()})
     out.update({f"endpoints.{ep.label}": f"{ep.kind.value}, auth={ep.auth.value}" for ep in m.endpoints})
-    if m.secrets.names or m.secrets.bearer:
-        out["secrets"] = ", ".join([*m.secrets.names, *([m.secrets.bearer] if m.secrets.bearer else [])])
+    for name in m.secrets.all_names:
+        keys = m.secrets.required_keys(name)
+        out[f"secrets.{name}"] = f"required keys {', '.join(keys)}" if keys else "no required keys"
     return {k: v for k, v in out.items() if v is not None}
 
 

@@ -28,6 +28,9 @@ Served RPCs (what ``modal deploy`` / ``App.deploy()`` / ``modal app stop`` call)
   be added first with :meth:`ModalControlPlane.add_secret`, like on a real workspace)
 * mounts: ``MountBatchedCheckExistence``, ``MountPutFile`` (stores inline file data, replies
   ``exists=True``), ``MountGetOrCreate`` (keeps the file contents: :attr:`mounts`)
+* lookups and autoscaler: ``ClassGet``, ``FunctionGet`` (objects of a deployed app, by tag),
+  ``FunctionUpdateSchedulingParams`` (``update_autoscaler``: overrides kept in
+  :attr:`autoscaler_overrides`, answered merged over the deployed settings)
 * functions: ``FunctionPrecreate``, ``FunctionCreate`` (answers web URLs
   ``https://<workspace>[-<web suffix>]--<label>.modal.run``; a generated host over 63 characters
   is cut to 56 plus ``-`` and 6 hex digits of its SHA-256, Modal's documented truncation),
@@ -136,8 +139,10 @@ class ModalControlPlane:
         self._pending_images: dict[str, api_pb2.Image] = {}  # im- id -> definition, not yet built
         self.mounts: dict[str, dict[str, bytes]] = {}  # mo- id -> {remote filename: content}
         self.functions: dict[str, api_pb2.FunctionCreateRequest] = {}  # fu- id -> last create
+        self.autoscaler_overrides: dict[str, api_pb2.AutoscalerSettings] = {}  # fu- id -> update_autoscaler
         self._blobs: dict[str, bytes] = {}  # sha256 hex -> file content
         self._handles: dict[str, Message] = {}  # object id -> handle metadata (for layouts)
+        self._function_data: dict[str, api_pb2.FunctionData] = {}  # fu- id -> as FunctionCreate answered
         self._failures: dict[str, _Failure] = {}
         self._delays: dict[str, float] = {}  # method -> seconds each call waits (see delay())
         self.errors: list[tuple[str, Exception]] = []  # exceptions raised by the double's own code
@@ -640,6 +645,7 @@ class ModalControlPlane:
             for name, method in target.method_definitions.items():
                 method.web_url = meta.method_handle_metadata[name].web_url
         self.functions[function_id] = req
+        self._function_data[function_id] = data
         self._handles[function_id] = meta
         return api_pb2.FunctionCreateResponse(
             function_id=function_id,
@@ -647,6 +653,39 @@ class ModalControlPlane:
             handle_metadata=meta,
             function_data=data,
         )
+
+    def _deployed_object(self, req, ids: str) -> str:
+        app = self.deployed_app(req.app_name, self._env(req.environment_name))
+        if app is None:
+            raise GRPCError(grpclib.Status.NOT_FOUND, f"App '{req.app_name}' not found")
+        object_id = getattr(app, ids).get(req.object_tag)
+        if object_id is None:
+            raise GRPCError(grpclib.Status.NOT_FOUND, f"'{req.object_tag}' not found in app '{req.app_name}'")
+        return object_id
+
+    def ClassGet(self, req):
+        class_id = self._deployed_object(req, "class_ids")
+        return api_pb2.ClassGetResponse(class_id=class_id, handle_metadata=self._handles.get(class_id))
+
+    def FunctionGet(self, req):
+        function_id = self._deployed_object(req, "function_ids")
+        return api_pb2.FunctionGetResponse(
+            function_id=function_id,
+            handle_metadata=self._handles.get(function_id),
+            function=self._function_data.get(function_id),
+        )
+
+    def FunctionUpdateSchedulingParams(self, req):
+        create = self.functions.get(req.function_id)
+        if create is None:
+            raise GRPCError(grpclib.Status.NOT_FOUND, f"Function {req.function_id} not found")
+        override = self.autoscaler_overrides.setdefault(req.function_id, api_pb2.AutoscalerSettings())
+        override.MergeFrom(req.settings)  # fields not sent keep their earlier value
+        deployed = (create.function_data if create.HasField("function_data") else create.function).autoscaler_settings
+        current = api_pb2.AutoscalerSettings()
+        current.CopyFrom(deployed)
+        current.MergeFrom(override)
+        return api_pb2.FunctionUpdateSchedulingParamsResponse(current_settings=current)
 
     def ClassCreate(self, req):
         self._app(req.app_id)
