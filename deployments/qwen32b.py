@@ -30,7 +30,10 @@ APP_NAME = "lift-sys-inference"
 MODEL_NAME = "Qwen/Qwen2.5-Coder-32B-Instruct"
 MODEL_REVISION = "b47205940b83b5b484577359f71ee7b88472df67"  # avoid surprises when the repo updates
 VLLM_VERSION = "0.9.2"
+# Does the model think before it answers? A hybrid-thinking model (Qwen3) gets enable_thinking=THINKING
+# in its chat template; when it thinks, vLLM's REASONING_PARSER keeps the schema off the thinking.
 THINKING = False
+REASONING_PARSER = None
 
 # GPUs to try, in this order.
 GPU = ["A100-80GB", "H100"]

@@ -30,7 +30,10 @@ APP_NAME = "lift-sys-inference-dev"
 MODEL_NAME = "Qwen/Qwen2.5-Coder-7B-Instruct"
 MODEL_REVISION = "c03e6d358207e414f1eca0bb1891e29f1db0e242"  # avoid surprises when the repo updates
 VLLM_VERSION = "0.9.2"
+# Does the model think before it answers? A hybrid-thinking model (Qwen3) gets enable_thinking=THINKING
+# in its chat template; when it thinks, vLLM's REASONING_PARSER keeps the schema off the thinking.
 THINKING = False
+REASONING_PARSER = None
 
 # GPUs to try, in this order.
 GPU = ["A10G", "L4"]

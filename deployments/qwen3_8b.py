@@ -1,5 +1,5 @@
 # Rendered by liftdeploy 0.1.0 from "deployments/qwen3-8b.toml"; edit the manifest, not this file.
-# manifest sha256: 1bea90f8c54206d8fc2ada751da8a410235e9017784a73fa05ce854121521c75
+# manifest sha256: 63ba49a7330a846b84d14465ae72b7e2415769ffebd79a2702a2ce89c0117980
 # re-render: liftdeploy render "deployments/qwen3-8b.toml"
 """Schema-constrained JSON generation on Modal: vLLM serves the model, XGrammar
 constrains every token to the JSON schema sent with each request.
@@ -32,8 +32,10 @@ APP_NAME = "qwen3-structured"
 MODEL_NAME = "Qwen/Qwen3-8B"
 MODEL_REVISION = "b968826d9c46dd6066d109eabc6255188de91218"  # avoid surprises when the repo updates
 VLLM_VERSION = "0.32.0"
-# A hybrid-thinking model: its chat template gets enable_thinking=False, so the answer starts with the JSON.
+# Does the model think before it answers? A hybrid-thinking model (Qwen3) gets enable_thinking=THINKING
+# in its chat template; when it thinks, vLLM's REASONING_PARSER keeps the schema off the thinking.
 THINKING = False
+REASONING_PARSER = "qwen3"
 
 # GPUs to try, in this order (`any` expanded to the cheapest few others that fit the model).
 GPU = ["L40S", "A100-80GB", "L4", "A10G", "A100-40GB"]
@@ -579,19 +581,28 @@ class Inference:
 
 
 # ## Business hours: Modal's autoscaler keeps containers warm on a schedule
-# At 08:00 (Europe/Berlin, days 1-5) the warm pool grows; at 18:00 it returns to the
-# settings above. A deploy resets the autoscaler to the settings above until the next 08:00.
+# On BUSINESS_DAYS at WARM_FROM (in TIMEZONE) the warm pool grows; at WARM_UNTIL it returns to the
+# settings above. A deploy resets the autoscaler to the settings above until the next WARM_FROM.
 # https://modal.com/docs/guide/scale#dynamic-autoscaler-updates
 
+BUSINESS_DAYS = "1-5"  # cron's day-of-week field (0 or 7 is Sunday)
+WARM_FROM = "08:00"
+WARM_UNTIL = "18:00"
+TIMEZONE = "Europe/Berlin"
 
-@app.function(image=web_image, schedule=modal.Cron("0 8 * * 1-5", timezone="Europe/Berlin"),
-              timeout=1 * MINUTES)
+
+def at(time_of_day: str) -> modal.Cron:
+    """A schedule at `time_of_day` (HH:MM) on BUSINESS_DAYS, in TIMEZONE."""
+    hour, minute = time_of_day.split(":")
+    return modal.Cron(f"{int(minute)} {int(hour)} * * {BUSINESS_DAYS}", timezone=TIMEZONE)
+
+
+@app.function(image=web_image, schedule=at(WARM_FROM), timeout=1 * MINUTES)
 def business_hours_start():
     Inference().update_autoscaler(min_containers=1)
 
 
-@app.function(image=web_image, schedule=modal.Cron("0 18 * * 1-5", timezone="Europe/Berlin"),
-              timeout=1 * MINUTES)
+@app.function(image=web_image, schedule=at(WARM_UNTIL), timeout=1 * MINUTES)
 def business_hours_end():
     Inference().update_autoscaler(min_containers=0)
 

@@ -227,7 +227,8 @@ class Auth(Choice):
 
 class Endpoint(Section):
     kind: EndpointKind = Field(description="What the endpoint serves.")
-    label: str = Field(
+    label: str = Field(  # type: ignore[assignment]  (the manifest fills it in: `root.default_label`)
+        None,
         description="URL label: https://<workspace>[-<web suffix>]--<label>.modal.run, one per Modal environment; "
         "default: `<app name>-<kind>`.",
         examples=["lift-sys-generate"],
