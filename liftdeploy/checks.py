@@ -18,8 +18,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ._tokens import find_token
 from . import modal_rules
+from ._tokens import find_token
 from .errors import Diagnostic, ManifestError, UsageError
 from .manifest import Loaded, load_targets, read
 from .render import drift, output_path

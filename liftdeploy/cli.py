@@ -242,8 +242,10 @@ def apply(
         raise StepError("check", f"{len(errors)} error(s); nothing was deployed", "fix them, then re-run apply")
     environment = lookup(loaded.manifest.app.environment)
     if environment.exists is False:
-        raise StepError("environment", f"Modal environment `{environment.name}` {environment.describe()}",
-                        f"run `modal environment create {environment.name}`, then re-run apply")
+        raise StepError("environment", f"Modal environment `{environment.name}` does not exist in workspace "
+                        f"`{environment.workspace}`; nothing was deployed",
+                        f"run `modal environment create {environment.name}` (or set `app.environment`), "
+                        "then re-run apply")
     typer.echo(describe(loaded, env=environment))
     state = read_state(loaded)
     quiet = state is not None and in_place(diff(state.settings, settings(loaded), loaded.manifest))

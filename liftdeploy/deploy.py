@@ -109,7 +109,8 @@ def update_autoscaler(loaded: Loaded) -> str:
         raise StepError("autoscaler", f"the deployed app has no GPU class to update: {exc}",
                         "deploy it first: delete the state file and re-run apply") from None
     except Exception as exc:  # modal's errors, grpclib's: nothing changed locally
-        raise StepError("autoscaler", f"{type(exc).__name__}: {exc}", "nothing was changed locally; re-run apply") from None
+        raise StepError("autoscaler", f"{type(exc).__name__}: {exc}",
+                        "nothing was changed locally; re-run apply") from None
     return ", ".join(f"{k} {getattr(now, k)}" for k in wanted if getattr(now, k, None) is not None)
 
 

@@ -62,8 +62,8 @@ def snapshot(m: Manifest) -> Iterator[Issue]:
     multi = [str(g) for g in m.gpus if g.count > 1]
     if m.model.tensor_parallel_size > 1 or multi:
         yield error("snapshot-multi-gpu", "cold_start.snapshot",
-                    f"GPU memory snapshots do not work with several GPUs per container ({', '.join(multi) or 'tensor_parallel_size'})"
-                    " (https://modal.com/docs/guide/memory-snapshots)",
+                    "GPU memory snapshots do not work with several GPUs per container "
+                    f"({', '.join(multi) or 'tensor_parallel_size'}; https://modal.com/docs/guide/memory-snapshots)",
                     "serve on one GPU, or set `cold_start.snapshot = false`")
     weights = sizing.weights_gib(m.model)
     if weights is not None:

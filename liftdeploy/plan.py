@@ -159,9 +159,11 @@ def describe(loaded: Loaded, state: State | None = None, env: ModalEnvironment |
         if volume:
             lines.append(f"  volume       {volume.name} at {volume.mount} ({role.replace('_', ' ')})")
     s, c = m.scaling, m.concurrency
-    lines.append(f"  scaling      containers {s.min_containers}–{s.max_containers if s.max_containers is not None else '∞'}"
+    most = s.max_containers if s.max_containers is not None else "∞"
+    lines.append(f"  scaling      containers {s.min_containers}–{most}"
                  + (f" (+{s.buffer_containers} buffer while busy)" if s.buffer_containers else "")
-                 + f", scaledown after {s.scaledown_window} s idle, timeout {s.timeout} s, startup {s.startup_timeout} s")
+                 + f", scaledown after {s.scaledown_window} s idle, timeout {s.timeout} s, "
+                 f"startup {s.startup_timeout} s")
     graphs = sizing.capture_sizes(c.max_inputs) if not m.cold_start.fast_boot else []
     lines.append(f"  concurrency  {c.max_inputs} requests per container" + (f" (autoscaler target {c.target_inputs})"
                  if c.target_inputs else "") + "; more wait in Modal's queue for another container")

@@ -47,8 +47,8 @@ def sink_manifest() -> dict[str, Any]:
     data["scaling"] = {"scaledown_window": 90, "timeout": 45, "startup_timeout": 1500, "min_containers": 2,
                        "buffer_containers": 0}
     data["concurrency"] = {"max_inputs": 8}
-    data["scaling"]["business_hours"] = {"days": "1-6", "start": "07:30", "end": "19:00", "timezone": "America/New_York",
-                                         "min_containers": 3, "buffer_containers": 1}
+    data["scaling"]["business_hours"] = {"days": "1-6", "start": "07:30", "end": "19:00",
+                                         "timezone": "America/New_York", "min_containers": 3, "buffer_containers": 1}
     data["cold_start"] = {"snapshot": True, "compile_cache": False, "fast_download": False}
     data["secrets"] = {"names": ["huggingface", "test-api-token"], "bearer": "test-api-token",
                        "keys": {"huggingface": ["HF_TOKEN"], "test-api-token": ["OTHER_KEY"]}}
@@ -414,7 +414,8 @@ def test_sink_declares_what_the_manifest_says(inspected: dict[str, Any], sink: L
                                                                       "timezone": "America/New_York"}
     assert found["functions"]["business_hours_end"]["schedule"] == {"cron": "0 19 * * 1-6",
                                                                     "timezone": "America/New_York"}
-    assert inference["secret_keys"] == {"huggingface": ["HF_TOKEN"], "test-api-token": ["OTHER_KEY", "LIFTDEPLOY_API_TOKEN"]}
+    assert inference["secret_keys"] == {"huggingface": ["HF_TOKEN"],
+                                        "test-api-token": ["OTHER_KEY", "LIFTDEPLOY_API_TOKEN"]}
     methods = found["classes"]["Inference"]["methods"]
     assert methods["web_test_app_generate"]["webhook"]["requires_proxy_auth"] is True
     assert methods["web_v1"]["webhook"]["requires_proxy_auth"] is False

@@ -199,7 +199,8 @@ def substitute(data: dict[str, Any], path: PathT, value: str) -> bool:
         return False
 
 
-DICT_FIELDS = {("image", "pins"), ("image", "web_pins"), ("image", "env"), ("secrets", "keys"), ("env",)}  # keys are data
+# their keys are data
+DICT_FIELDS = {("image", "pins"), ("image", "web_pins"), ("image", "env"), ("secrets", "keys"), ("env",)}
 UNVALIDATED = {("compute", "region"), ("image", "env")}  # any string value at all is accepted
 
 

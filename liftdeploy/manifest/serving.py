@@ -227,7 +227,8 @@ class Auth(Choice):
 
 class Endpoint(Section):
     kind: EndpointKind = Field(description="What the endpoint serves.")
-    label: str = Field(  # type: ignore[assignment]  (the manifest fills it in: `root.default_label`)
+    # Filled in by the manifest when not written (`root.default_label`): never None once loaded.
+    label: str = Field(  # type: ignore[assignment]
         None,
         description="URL label: https://<workspace>[-<web suffix>]--<label>.modal.run, one per Modal environment; "
         "default: `<app name>-<kind>`.",

@@ -51,7 +51,8 @@ class AppSection(Section):
     @classmethod
     def _workspace(cls, value: str | None) -> str | None:
         if value is not None and not LABEL.match(value):
-            raise invalid(f"`{value}` is not a Modal workspace name", "lowercase letters, digits and `-`, as in its URLs")
+            raise invalid(f"`{value}` is not a Modal workspace name",
+                          "lowercase letters, digits and `-`, as in its URLs")
         return value
 
     @field_validator("web_suffix")
