@@ -71,7 +71,8 @@ try:
 except ImportError as exc:
     engine_class, out["engine_import"] = None, repr(exc)
 calls = {{}}
-for node in ast.walk(ast.parse(open(path).read())):
+(engine_code,) = [n for n in ast.parse(open(path).read()).body if isinstance(n, ast.ClassDef) and n.name == "VLLMEngine"]
+for node in ast.walk(engine_code):
     if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
             and ast.unparse(node.func.value) == "self.engine" and node.func.attr in ("sleep", "wake_up")):
         calls[node.func.attr] = {{k.arg: ast.literal_eval(k.value) for k in node.keywords}}
