@@ -71,7 +71,8 @@ try:
 except ImportError as exc:
     engine_class, out["engine_import"] = None, repr(exc)
 calls = {{}}
-(engine_code,) = [n for n in ast.parse(open(path).read()).body if isinstance(n, ast.ClassDef) and n.name == "VLLMEngine"]
+tree = ast.parse(open(path).read())
+(engine_code,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "VLLMEngine"]
 for node in ast.walk(engine_code):
     if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
             and ast.unparse(node.func.value) == "self.engine" and node.func.attr in ("sleep", "wake_up")):
