@@ -197,3 +197,14 @@ def test_plan_marks_each_change_as_a_cold_start_or_in_place(tmp_path):
         "  ~   scaling.scaledown_window: 300 → 120   (in place)",
     ]
     assert text.endswith("Plan: 0 to add, 3 to change (2 with a cold start, 1 in place), 0 to remove.")
+
+
+def test_every_deployed_setting_counts_so_nothing_hides_behind_in_place(tmp_path):
+    """An autoscaler change beside any change that reaches the module is no longer in place."""
+    before = settings(load(copy(tmp_path, "qwen32b.toml")))
+    text = planned(tmp_path, "qwen32b.toml", ("scaledown_window = 300", "scaledown_window = 120"),
+                   ("max_tokens = 2048", "max_tokens = 1024"),
+                   ('TOKENIZERS_PARALLELISM = "false"', 'TOKENIZERS_PARALLELISM = "true"'), applied=before)
+    assert "  -/+ decoding.max_tokens: 2048 → 1024   (new containers → cold start)" in text.splitlines()
+    assert "  -/+ image.env.TOKENIZERS_PARALLELISM: false → true   (new image → cold start)" in text.splitlines()
+    assert "Every change is in place" not in text
