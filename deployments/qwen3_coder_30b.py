@@ -88,15 +88,18 @@ MAX_SCHEMA_DEPTH = 32
 MAX_BODY_BYTES = 1048576
 SCHEMA_COMPILE_TIMEOUT = 10.0  # seconds
 SCHEMA_COMPILERS = 4  # schemas compiled at once; one more is refused (503), not queued
-MAX_INPUTS = 20  # requests one container serves at once
-QUEUE = 0  # requests that may wait beyond MAX_INPUTS before a 503
+# Requests one container serves at once: Modal sends a container no more (@modal.concurrent) and
+# SGLang runs exactly that many (--max-running-requests). Past it, Modal queues requests for
+# another container.
+MAX_INPUTS = 20
 
-# Each endpoint is its own URL: https://<workspace>--<label>.modal.run
+# Each endpoint is its own URL, claimed for the whole Modal environment:
+# https://<workspace>[-<web suffix>]--<label>.modal.run
 ENDPOINTS = [
-    {"kind": "health", "label": "health", "auth": "none"},
-    {"kind": "warmup", "label": "warmup", "auth": "proxy"},
-    {"kind": "generate", "label": "generate", "auth": "proxy"},
-    {"kind": "openai", "label": "openai", "auth": "proxy"},
+    {"kind": "health", "label": "lift-sys-coder-health", "auth": "none"},
+    {"kind": "warmup", "label": "lift-sys-coder-warmup", "auth": "proxy"},
+    {"kind": "generate", "label": "lift-sys-coder-generate", "auth": "proxy"},
+    {"kind": "openai", "label": "lift-sys-coder-openai", "auth": "proxy"},
 ]
 
 
@@ -394,7 +397,7 @@ def create_app(kind: str, engine: Any = None, auth: str = "none"):
     async def constrained(messages: list[dict[str, str]], schema: dict[str, Any] | None, *,
                           max_tokens: int, temperature: float, top_p: float) -> dict[str, Any]:
         nonlocal in_flight
-        if in_flight >= MAX_INPUTS + QUEUE:
+        if in_flight >= MAX_INPUTS:  # only `serve --local`: on Modal no container gets more than MAX_INPUTS
             raise unavailable(f"{in_flight} requests in flight")
         if engine is None or not engine.ready:
             raise unavailable("the model is still loading")
@@ -529,8 +532,8 @@ app = modal.App(APP_NAME)
     timeout=1 * MINUTES,  # no GPU: answers in milliseconds, even while the model is cold
 )
 @modal.concurrent(max_inputs=100)
-@modal.asgi_app(label="health")
-def web_health():
+@modal.asgi_app(label="lift-sys-coder-health")
+def web_lift_sys_coder_health():
     return create_app("health", auth="none")
 
 
@@ -555,19 +558,19 @@ class Inference:
 
     @modal.method()
     def ping(self) -> dict[str, Any]:
-        """Called by the keep-warm schedule and `modal run`: reports the loaded model."""
+        """Called by `modal run`: reports the loaded model."""
         return {"model": self.engine.name, "ready": self.engine.ready, "load_seconds": self.engine.load_seconds}
 
-    @modal.asgi_app(label="warmup", requires_proxy_auth=True)
-    def web_warmup(self):
+    @modal.asgi_app(label="lift-sys-coder-warmup", requires_proxy_auth=True)
+    def web_lift_sys_coder_warmup(self):
         return create_app("warmup", self.engine, auth="proxy")
 
-    @modal.asgi_app(label="generate", requires_proxy_auth=True)
-    def web_generate(self):
+    @modal.asgi_app(label="lift-sys-coder-generate", requires_proxy_auth=True)
+    def web_lift_sys_coder_generate(self):
         return create_app("generate", self.engine, auth="proxy")
 
-    @modal.asgi_app(label="openai", requires_proxy_auth=True)
-    def web_openai(self):
+    @modal.asgi_app(label="lift-sys-coder-openai", requires_proxy_auth=True)
+    def web_lift_sys_coder_openai(self):
         return create_app("openai", self.engine, auth="proxy")
 
 

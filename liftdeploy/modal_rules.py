@@ -55,7 +55,8 @@ def snapshot(m: Manifest) -> Iterator[Issue]:
     """What Modal's GPU memory snapshots of a sleeping vLLM engine need."""
     if not m.cold_start.snapshot:
         return
-    if not compat.has(m.image.vllm, compat.SLEEP_MODE_SINCE):
+    vllm = str(m.engine.kind) == "vllm"  # SGLang's memory saver is matched to its release by `sglang_args`
+    if vllm and not compat.has(m.image.vllm, compat.SLEEP_MODE_SINCE):
         yield error("snapshot-needs-sleep-mode", "cold_start.snapshot",
                     f"vllm {m.image.vllm} has no sleep mode, which puts the engine to sleep before the snapshot",
                     f"pin vllm>={compat.SLEEP_MODE_SINCE}, or set `cold_start.snapshot = false`")
@@ -78,6 +79,11 @@ def snapshot(m: Manifest) -> Iterator[Issue]:
 def thinking(m: Manifest) -> Iterator[Issue]:
     """A reasoning model answers after it thinks: constrain only the answer, or turn thinking off."""
     model = m.model
+    if model.thinking and str(m.engine.kind) != "vllm":
+        yield error("thinking-unsupported", "model.thinking",
+                    f"liftdeploy renders no reasoning parser for {m.engine.kind}: the schema would constrain the "
+                    "thinking", "set `model.thinking = false`, or serve with `engine.kind = \"vllm\"`")
+        return
     if model.thinking:
         if not model.parser:
             yield error("thinking-without-parser", "model.thinking",

@@ -203,3 +203,26 @@ def test_check_json_names_the_new_rules(tmp_path: Path) -> None:
     found = json.loads(report.format("json"))["findings"]
     assert {"code": "snapshot-memory", "path": "compute.memory"}.items() <= next(
         f for f in found if f["code"] == "snapshot-memory").items()
+
+
+# ## Both engines' modules: the same Modal functions
+
+
+def test_the_sglang_module_has_business_hours_and_required_secret_keys(tmp_path: Path) -> None:
+    from liftdeploy.render import render
+    from tests.helpers_render import inspect_rendered
+
+    text = (DEPLOYMENTS / "qwen3-coder-30b.toml").read_text()
+    text += ('\n[scaling.business_hours]\nstart = "09:00"\nend = "17:30"\ntimezone = "Asia/Kolkata"\n'
+             'min_containers = 2\n')
+    manifest = tmp_path / "coder.toml"
+    manifest.write_text(text)
+    loaded = load(manifest)
+    assert str(loaded.manifest.engine.kind) == "sglang"
+    module = tmp_path / "coder.py"
+    module.write_text(render(loaded))
+    (found,) = inspect_rendered(module)
+    assert found["functions"]["business_hours_start"]["schedule"] == {"cron": "0 9 * * 1-5", "timezone": "Asia/Kolkata"}
+    assert found["functions"]["business_hours_end"]["schedule"] == {"cron": "30 17 * * 1-5", "timezone": "Asia/Kolkata"}
+    secrets = loaded.manifest.secrets
+    assert found["functions"]["Inference.*"]["secret_keys"] == {n: secrets.required_keys(n) for n in secrets.all_names}

@@ -225,8 +225,8 @@ def coder(engine):
 def test_sglang_module_generates_and_validates_like_the_vllm_one(coder):
     server, auth = coder
     schema = SCHEMAS["seeds-ir"]
-    answer = httpx.post(f"{server.url}{GENERATE_CODER}", json={"prompt": "add(a, b)", "schema": schema, "max_tokens": 256},
-                        headers=auth, timeout=120)
+    answer = httpx.post(f"{server.url}{GENERATE_CODER}", headers=auth, timeout=120,
+                        json={"prompt": "add(a, b)", "schema": schema, "max_tokens": 256})
     assert answer.status_code == 200, answer.text
     body = answer.json()
     assert set(body) == {"ir_json", "complete", "text", "tokens_used", "generation_time_ms", "finish_reason", "model"}
@@ -234,7 +234,8 @@ def test_sglang_module_generates_and_validates_like_the_vllm_one(coder):
         jsonschema.validate(body["ir_json"], schema)
     missing = httpx.post(f"{server.url}{GENERATE_CODER}", json={"prompt": "x"}, headers=auth, timeout=30)
     assert missing.status_code == 422 and "schema" in missing.text
-    assert httpx.post(f"{server.url}{GENERATE_CODER}", json={"prompt": "x", "schema": {}}, timeout=30).status_code == 401
+    unauthorised = httpx.post(f"{server.url}{GENERATE_CODER}", json={"prompt": "x", "schema": {}}, timeout=30)
+    assert unauthorised.status_code == 401
     health = httpx.get(f"{server.url}{HEALTH_CODER}", timeout=30).json()
     assert health["backend"] == "SGLang 0.5.4.post3 with llguidance" and health["smoke_model"] is True
 
@@ -242,7 +243,8 @@ def test_sglang_module_generates_and_validates_like_the_vllm_one(coder):
 def test_sglang_module_openai_route(coder):
     openai = pytest.importorskip("openai")
     server, auth = coder
-    client = openai.OpenAI(base_url=f"{server.url}{OPENAI_CODER}/v1", api_key="unused", default_headers=auth, max_retries=0)
+    client = openai.OpenAI(base_url=f"{server.url}{OPENAI_CODER}/v1", api_key="unused", default_headers=auth,
+                           max_retries=0)
     assert [m.id for m in client.models.list()] == ["Qwen/Qwen3-Coder-30B-A3B-Instruct"]
     schema = SCHEMAS["enum"]
     completion = client.chat.completions.create(
