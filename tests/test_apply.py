@@ -325,7 +325,7 @@ def test_apply_qwen3_coder_on_sglang(plane, tmp_path):
     a = apply_copy(plane, tmp_path, "qwen3-coder-30b.toml", None, "qwen3_coder_30b")
     (publish,) = a.calls("AppPublish")
     assert (publish.name, publish.deployment_tag) == ("lift-sys-coder", tag_of(a.manifest))
-    assert set(publish.function_ids) == {"web_health", "Inference.*"}
+    assert set(publish.function_ids) == {"web_lift_sys_coder_health", "Inference.*"}
     ranks = a.functions["Inference.*"]
     assert gpus(ranks) == ["A100-80GB", "H100"]  # 30.5B parameters held: 80 GB GPUs only
     fn = ranks[0]
@@ -335,10 +335,11 @@ def test_apply_qwen3_coder_on_sglang(plane, tmp_path):
     }
     assert (fn.timeout_secs, fn.startup_timeout_secs, fn.task_idle_timeout_secs) == (600, 900, 300)
     assert (fn.max_concurrent_inputs, fn.target_concurrent_inputs) == (20, 0)
-    assert web_endpoints(fn) == {"web_warmup": ("warmup", True), "web_generate": ("generate", True),
-                                 "web_openai": ("openai", True)}
-    (health,) = a.functions["web_health"]
-    assert health.resources.gpu_config.count == 0 and health.webhook_config.requested_suffix == "health"
+    assert web_endpoints(fn) == {f"web_lift_sys_coder_{kind}": (f"lift-sys-coder-{kind}", True)
+                                 for kind in ("warmup", "generate", "openai")}
+    (health,) = a.functions["web_lift_sys_coder_health"]
+    assert health.resources.gpu_config.count == 0
+    assert health.webhook_config.requested_suffix == "lift-sys-coder-health"
 
     # The image: SGLang and its stack pinned, its JIT caches on the cache volume.
     commands = "\n".join(c for req in a.calls("ImageGetOrCreate") for c in req.image.dockerfile_commands)
@@ -352,7 +353,7 @@ def test_apply_qwen3_coder_on_sglang(plane, tmp_path):
 
     state = a.state
     assert state["settings"]["engine.kind"] == "sglang" and state["settings"]["image.sglang"] == "0.5.4.post3"
-    assert set(state["urls"]) == {"health", "warmup", "generate", "openai"}
+    assert set(state["urls"]) == {f"lift-sys-coder-{kind}" for kind in ("health", "warmup", "generate", "openai")}
     assert "Traceback" not in a.result.stderr
     plan = liftdeploy(None, "plan", "qwen3-coder-30b.toml", cwd=a.folder)
     assert plan.returncode == 0 and "No changes." in plan.stdout

@@ -175,7 +175,7 @@ def test_plan_counts_the_cold_start_parts(tmp_path):
     text = planned(tmp_path, "qwen32b.toml")
     line = next(line for line in text.splitlines() if line.startswith("  cold start"))
     assert "torch.compile (cached) 30 s" in line and "CUDA graphs (6 sizes)" in line and "download" in line
-    assert "  engine       vLLM max_num_seqs 20; CUDA graphs for 6 batch sizes (1–20)" in text
+    assert "  batching     vLLM max_num_seqs 20; CUDA graphs for 6 batch sizes (1–20)" in text
     uncached = planned(tmp_path, "qwen32b.toml", ("compile_cache = true", "compile_cache = false"))
     assert "torch.compile 156 s" in next(line for line in uncached.splitlines() if line.startswith("  cold start"))
     snap = planned(tmp_path, "qwen3-8b.toml")

@@ -812,6 +812,8 @@ REJECTED = [
     (("scaling", "business_hours", "start"), "8 am", "not a time of day"),
     (("scaling", "business_hours", "start"), "08:00\n", "not a time of day"),
     (("scaling", "business_hours", "timezone"), "Mars/Olympus", "not an IANA time zone"),
+    (("scaling", "business_hours", "timezone"), "x" * 300, "not an IANA time zone"),  # no file has that name
+    (("scaling", "business_hours", "timezone"), "../../etc/passwd", "not an IANA time zone"),
     (("scaling", "business_hours", "days"), "1-5\n", "not a cron day-of-week field"),
     (("app", "web_suffix"), "dev\n", "not a web suffix"),
     (("app", "workspace"), "rand\n", "not a Modal workspace name"),

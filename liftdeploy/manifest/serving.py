@@ -22,6 +22,7 @@ from ._base import (
     MODAL_SCALEDOWN_RANGE,
     SECRET_NAME,
     TIME_OF_DAY,
+    TIME_ZONE,
     Choice,
     Section,
     invalid,
@@ -64,8 +65,10 @@ class BusinessHours(Section):
     @classmethod
     def _zone(cls, value: str) -> str:
         try:
+            if not TIME_ZONE.match(value):
+                raise ValueError(value)
             zoneinfo.ZoneInfo(value)
-        except (ValueError, zoneinfo.ZoneInfoNotFoundError):
+        except (ValueError, OSError, zoneinfo.ZoneInfoNotFoundError):  # OSError: a name no file can have
             raise invalid(f"`{value}` is not an IANA time zone", 'e.g. `"Europe/Berlin"` or `"UTC"`') from None
         return value
 
