@@ -27,6 +27,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from liftdeploy.bench import percentile  # noqa: E402  (the benchmark runs from a checkout)
 
+# Where the local server answers each endpoint: /<label>, the label `<app name>-<kind>` by default.
+GENERATE_32B = "/lift-sys-inference-generate"
+
 SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0,
                                                                             "maximum": 9}},
           "required": ["ok", "n"]}
@@ -105,7 +108,7 @@ def main() -> None:
     args = parser.parse_args()
     server, headers = serve_seeds_deployment()
     with server:
-        result = asyncio.run(load(f"{server.url}/generate", headers, clients=args.clients, seconds=args.seconds))
+        result = asyncio.run(load(f"{server.url}{GENERATE_32B}", headers, clients=args.clients, seconds=args.seconds))
     print(json.dumps(asdict(result), indent=2))
     print(f"unexpected statuses: {result.unexpected}")
 

@@ -34,6 +34,11 @@ MODEL_NAME = "Qwen/Qwen2.5-Coder-7B-Instruct"
 MODEL_REVISION = "c03e6d358207e414f1eca0bb1891e29f1db0e242"  # avoid surprises when the repo updates
 VLLM_VERSION = "0.9.2"
 ENGINE_NAME = f"vLLM {VLLM_VERSION}"
+# Does the model think before it answers? A hybrid-thinking model (Qwen3) gets enable_thinking=THINKING
+# in its chat template; when it thinks, vLLM's REASONING_PARSER keeps the schema off the thinking.
+THINKING = False
+REASONING_PARSER = None
+
 # GPUs to try, in this order.
 GPU = ["A10G", "L4"]
 
@@ -88,6 +93,8 @@ ENGINE_ARGS = {
     "tensor_parallel_size": 1,
     "gpu_memory_utilization": 0.9,
     "trust_remote_code": False,
+    "max_num_seqs": 20,
+    "compilation_config": {"cudagraph_capture_sizes": [1, 2, 4, 8, 16, 20]},
     "download_dir": "/models/hub",
     "guided_decoding_backend": "guidance",
     "guided_decoding_disable_any_whitespace": True,
@@ -95,8 +102,7 @@ ENGINE_ARGS = {
 # The structured-output backend the engine runs (one per engine: vLLM compiles every grammar with it).
 BACKEND = "guidance"
 COMPACT_JSON = True  # no free whitespace between JSON tokens (in ENGINE_ARGS too)
-# Hybrid-thinking models (Qwen3) answer at once, no thinking first; other chat templates ignore it.
-CHAT_TEMPLATE_KWARGS = {"enable_thinking": False}
+CHAT_TEMPLATE_KWARGS = {"enable_thinking": THINKING}  # chat templates without the switch ignore it
 
 # Request limits
 DEFAULT_MAX_TOKENS = 2048
@@ -109,17 +115,22 @@ MAX_SCHEMA_DEPTH = 32
 MAX_BODY_BYTES = 1048576
 SCHEMA_COMPILE_TIMEOUT = 10.0  # seconds
 RETRIES_ON_INVALID = 2  # samples again when a finished output breaks its schema
-MAX_INPUTS = 20  # requests one container serves at once (Modal's max_inputs)
+# Requests one container serves at once: Modal sends a container no more (@modal.concurrent) and
+# vLLM batches exactly that many (max_num_seqs). Past it, Modal queues requests for another container.
+MAX_INPUTS = 20
 
-# Each endpoint is its own URL: https://<workspace>--<label>.modal.run
+# Each endpoint is its own URL, claimed for the whole Modal environment:
+# https://<workspace>[-<web suffix>]--<label>.modal.run
 ENDPOINTS = [
-    {"kind": "health", "label": "health", "auth": "none"},
-    {"kind": "generate", "label": "generate", "auth": "proxy"},
-    {"kind": "warmup", "label": "warmup", "auth": "proxy"},
+    {"kind": "health", "label": "lift-sys-inference-dev-health", "auth": "none"},
+    {"kind": "generate", "label": "lift-sys-inference-dev-generate", "auth": "proxy"},
+    {"kind": "warmup", "label": "lift-sys-inference-dev-warmup", "auth": "proxy"},
 ]
 
 
 # ## Modal functions
+# Every setting below is Modal's own, with Modal's meaning:
+# https://modal.com/docs/guide/scale, https://modal.com/docs/guide/concurrent-inputs
 
 app = modal.App(APP_NAME)
 
@@ -129,8 +140,8 @@ app = modal.App(APP_NAME)
     timeout=1 * MINUTES,  # no GPU: answers in milliseconds, even while the model is cold
 )
 @modal.concurrent(max_inputs=100)
-@modal.asgi_app(label="health")
-def web_health():
+@modal.asgi_app(label="lift-sys-inference-dev-health")
+def web_lift_sys_inference_dev_health():
     return create_app("health", auth="none")
 
 
@@ -151,15 +162,15 @@ class Inference:
 
     @modal.method()
     def ping(self) -> dict[str, Any]:
-        """Called by the keep-warm schedule and `modal run`: reports the loaded model."""
+        """Called by `modal run`: reports the loaded model."""
         return {"model": self.engine.name, "ready": self.engine.ready, "load_seconds": self.engine.load_seconds}
 
-    @modal.asgi_app(label="generate", requires_proxy_auth=True)
-    def web_generate(self):
+    @modal.asgi_app(label="lift-sys-inference-dev-generate", requires_proxy_auth=True)
+    def web_lift_sys_inference_dev_generate(self):
         return create_app("generate", self.engine, auth="proxy")
 
-    @modal.asgi_app(label="warmup", requires_proxy_auth=True)
-    def web_warmup(self):
+    @modal.asgi_app(label="lift-sys-inference-dev-warmup", requires_proxy_auth=True)
+    def web_lift_sys_inference_dev_warmup(self):
         return create_app("warmup", self.engine, auth="proxy")
 
 
@@ -177,8 +188,12 @@ def main():
 def engine_args(**overrides: Any):
     """vLLM's AsyncEngineArgs for this deployment (`overrides` replace ENGINE_ARGS entries)."""
     from vllm import AsyncEngineArgs
+    from vllm.config import CompilationConfig
 
-    return AsyncEngineArgs(**{**ENGINE_ARGS, **overrides})
+    args = {**ENGINE_ARGS, **overrides}
+    # Some releases (0.9.x) cannot parse this config from a dict: pass the object.
+    args["compilation_config"] = CompilationConfig(**args["compilation_config"])
+    return AsyncEngineArgs(**args)
 
 
 def sampling_params(schema: dict[str, Any] | None, *, max_tokens: int, temperature: float, top_p: float):

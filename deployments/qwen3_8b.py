@@ -1,5 +1,5 @@
 # Rendered by liftdeploy 0.1.0 from "deployments/qwen3-8b.toml"; edit the manifest, not this file.
-# manifest sha256: 9d155bbdc0c268c25e75f6217074fca060a1825a69be2b2432aa9ee6d0ea1363
+# manifest sha256: 63ba49a7330a846b84d14465ae72b7e2415769ffebd79a2702a2ce89c0117980
 # re-render: liftdeploy render "deployments/qwen3-8b.toml"
 """Schema-constrained JSON generation on Modal: vLLM serves the model and its structured-output
 backend (guidance) constrains every token to the JSON schema sent with each request.
@@ -36,8 +36,13 @@ MODEL_NAME = "Qwen/Qwen3-8B"
 MODEL_REVISION = "b968826d9c46dd6066d109eabc6255188de91218"  # avoid surprises when the repo updates
 VLLM_VERSION = "0.32.0"
 ENGINE_NAME = f"vLLM {VLLM_VERSION}"
-# GPUs to try, in this order (`any` expanded to every other GPU that fits the model).
-GPU = ["L40S", "A100-80GB", "L4", "A10G", "A100-40GB", "RTX-PRO-6000", "H100", "H200", "B200"]
+# Does the model think before it answers? A hybrid-thinking model (Qwen3) gets enable_thinking=THINKING
+# in its chat template; when it thinks, vLLM's REASONING_PARSER keeps the schema off the thinking.
+THINKING = False
+REASONING_PARSER = "qwen3"
+
+# GPUs to try, in this order (`any` expanded to the cheapest few others that fit the model).
+GPU = ["L40S", "A100-80GB", "L4", "A10G", "A100-40GB"]
 
 
 # ## Container images
@@ -51,7 +56,14 @@ vllm_image = (
         "xgrammar==0.2.8",
         uv_version="0.13.9",
     )
-    .env({"HF_HOME": "/models", "VLLM_CACHE_ROOT": "/root/.cache/vllm", "HF_XET_HIGH_PERFORMANCE": "1"})
+    .env({
+        "HF_HOME": "/models",
+        "VLLM_CACHE_ROOT": "/root/.cache/vllm",
+        "HF_XET_HIGH_PERFORMANCE": "1",
+        "VLLM_SERVER_DEV_MODE": "1",
+        "TORCH_CPP_LOG_LEVEL": "FATAL",
+        "TORCHINDUCTOR_COMPILE_THREADS": "1",
+    })
 )
 
 # `health` answers from this small image, without a GPU or the model.
@@ -81,15 +93,16 @@ ENGINE_ARGS = {
     "tensor_parallel_size": 1,
     "gpu_memory_utilization": 0.9,
     "trust_remote_code": False,
-    "enforce_eager": True,
+    "max_num_seqs": 32,
+    "compilation_config": {"cudagraph_capture_sizes": [1, 2, 4, 8, 16, 24, 32]},
+    "enable_sleep_mode": True,
     "download_dir": "/models/hub",
     "structured_outputs_config": {"backend": "guidance", "disable_any_whitespace": True},
 }
 # The structured-output backend the engine runs (one per engine: vLLM compiles every grammar with it).
 BACKEND = "guidance"
 COMPACT_JSON = True  # no free whitespace between JSON tokens (in ENGINE_ARGS too)
-# Hybrid-thinking models (Qwen3) answer at once, no thinking first; other chat templates ignore it.
-CHAT_TEMPLATE_KWARGS = {"enable_thinking": False}
+CHAT_TEMPLATE_KWARGS = {"enable_thinking": THINKING}  # chat templates without the switch ignore it
 
 # Request limits
 DEFAULT_MAX_TOKENS = 2048
@@ -102,19 +115,24 @@ MAX_SCHEMA_DEPTH = 32
 MAX_BODY_BYTES = 1048576
 SCHEMA_COMPILE_TIMEOUT = 10.0  # seconds
 RETRIES_ON_INVALID = 2  # samples again when a finished output breaks its schema
-MAX_INPUTS = 32  # requests one container serves at once (Modal's max_inputs)
+# Requests one container serves at once: Modal sends a container no more (@modal.concurrent) and
+# vLLM batches exactly that many (max_num_seqs). Past it, Modal queues requests for another container.
+MAX_INPUTS = 32
 
-# Each endpoint is its own URL: https://<workspace>--<label>.modal.run
+# Each endpoint is its own URL, claimed for the whole Modal environment:
+# https://<workspace>[-<web suffix>]--<label>.modal.run
 ENDPOINTS = [
-    {"kind": "health", "label": "health", "auth": "none"},
-    {"kind": "warmup", "label": "warmup", "auth": "bearer"},
-    {"kind": "generate", "label": "generate", "auth": "bearer"},
-    {"kind": "openai", "label": "openai", "auth": "bearer"},
+    {"kind": "health", "label": "qwen3-structured-health", "auth": "none"},
+    {"kind": "warmup", "label": "qwen3-structured-warmup", "auth": "bearer"},
+    {"kind": "generate", "label": "qwen3-structured-generate", "auth": "bearer"},
+    {"kind": "openai", "label": "qwen3-structured-openai", "auth": "bearer"},
 ]
 TOKEN_ENV = "LIFTDEPLOY_API_TOKEN"  # set by the Modal Secret "qwen3-api-token"
 
 
 # ## Modal functions
+# Every setting below is Modal's own, with Modal's meaning:
+# https://modal.com/docs/guide/scale, https://modal.com/docs/guide/concurrent-inputs
 
 app = modal.App(APP_NAME)
 
@@ -124,55 +142,102 @@ app = modal.App(APP_NAME)
     timeout=1 * MINUTES,  # no GPU: answers in milliseconds, even while the model is cold
 )
 @modal.concurrent(max_inputs=100)
-@modal.asgi_app(label="health")
-def web_health():
+@modal.asgi_app(label="qwen3-structured-health")
+def web_qwen3_structured_health():
     return create_app("health", auth="none")
+
+
+def gpu_attached() -> bool:
+    """Whether this container has a GPU, asked without touching CUDA: CUDA initialised without a
+    GPU stays without one. Before a GPU memory snapshot it has; before a CPU-only one it has not."""
+    import glob
+
+    return bool(glob.glob("/dev/nvidia[0-9]*"))
 
 
 @app.cls(
     image=vllm_image,
     gpu=GPU,
     volumes={MODELS_DIR: weights_volume, VLLM_CACHE_DIR: vllm_cache_volume},
-    secrets=[modal.Secret.from_name("huggingface"), modal.Secret.from_name("qwen3-api-token")],
+    secrets=[  # Modal refuses the deploy when a Secret lacks a required key
+        modal.Secret.from_name("huggingface", required_keys=["HF_TOKEN"]),
+        modal.Secret.from_name("qwen3-api-token", required_keys=["LIFTDEPLOY_API_TOKEN"]),
+    ],
+    memory=32768,  # MiB
     timeout=10 * MINUTES,  # how long may one request take?
     startup_timeout=20 * MINUTES,  # how long may loading the model take?
     scaledown_window=10 * MINUTES,  # how long should we stay up with no requests?
-    max_containers=4,
-    buffer_containers=1,
+    max_containers=4,  # past this, requests wait in Modal's queue
+    buffer_containers=1,  # idle extras while busy, so bursts skip cold starts
+    enable_memory_snapshot=True,  # restore the loaded, warmed-up engine instead of loading it again
+    experimental_options={"enable_gpu_snapshot": True},  # GPU memory too (Modal: alpha)
 )
 @modal.concurrent(max_inputs=MAX_INPUTS, target_inputs=24)  # how many requests can one replica handle?
 class Inference:
-    @modal.enter()
-    def start_engine(self):
+    @modal.enter(snap=True)
+    async def start_and_sleep(self):
+        """Before the snapshot: load the model, warm it up, put it to sleep. Without a GPU here
+        (no GPU snapshot: Modal took a CPU-only one) the engine starts after the restore instead."""
         self.engine = VLLMEngine()
-        self.engine.start()
+        if gpu_attached():
+            self.engine.start()
+            await self.engine.warm_up()
+            await self.engine.sleep()
+            self.asleep = True
+        else:
+            self.asleep = False
+
+    @modal.enter(snap=False)
+    async def wake(self):
+        """After the restore (and after creating the snapshot): wake the engine, or start it plainly."""
+        if self.asleep:
+            await self.engine.wake()
+        else:
+            self.engine.start()
 
     @modal.method()
     def ping(self) -> dict[str, Any]:
-        """Called by the keep-warm schedule and `modal run`: reports the loaded model."""
+        """Called by `modal run`: reports the loaded model."""
         return {"model": self.engine.name, "ready": self.engine.ready, "load_seconds": self.engine.load_seconds}
 
-    @modal.asgi_app(label="warmup")
-    def web_warmup(self):
+    @modal.asgi_app(label="qwen3-structured-warmup")
+    def web_qwen3_structured_warmup(self):
         return create_app("warmup", self.engine, auth="bearer")
 
-    @modal.asgi_app(label="generate")
-    def web_generate(self):
+    @modal.asgi_app(label="qwen3-structured-generate")
+    def web_qwen3_structured_generate(self):
         return create_app("generate", self.engine, auth="bearer")
 
-    @modal.asgi_app(label="openai")
-    def web_openai(self):
+    @modal.asgi_app(label="qwen3-structured-openai")
+    def web_qwen3_structured_openai(self):
         return create_app("openai", self.engine, auth="bearer")
 
 
-@app.function(
-    image=web_image,
-    schedule=modal.Cron("*/10 8-18 * * 1-5"),
-    timeout=21 * MINUTES,  # long enough to wait out a cold start
-)
-def keep_warm():
-    """Keep one container loaded during the scheduled hours."""
-    print(Inference().ping.remote())
+# ## Business hours: Modal's autoscaler keeps containers warm on a schedule
+# On BUSINESS_DAYS at WARM_FROM (in TIMEZONE) the warm pool grows; at WARM_UNTIL it returns to the
+# settings above. A deploy resets the autoscaler to the settings above until the next WARM_FROM.
+# https://modal.com/docs/guide/scale#dynamic-autoscaler-updates
+
+BUSINESS_DAYS = "1-5"  # cron's day-of-week field (0 or 7 is Sunday)
+WARM_FROM = "08:00"
+WARM_UNTIL = "18:00"
+TIMEZONE = "Europe/Berlin"
+
+
+def at(time_of_day: str) -> modal.Cron:
+    """A schedule at `time_of_day` (HH:MM) on BUSINESS_DAYS, in TIMEZONE."""
+    hour, minute = time_of_day.split(":")
+    return modal.Cron(f"{int(minute)} {int(hour)} * * {BUSINESS_DAYS}", timezone=TIMEZONE)
+
+
+@app.function(image=web_image, schedule=at(WARM_FROM), timeout=1 * MINUTES)
+def business_hours_start():
+    Inference().update_autoscaler(min_containers=1)
+
+
+@app.function(image=web_image, schedule=at(WARM_UNTIL), timeout=1 * MINUTES)
+def business_hours_end():
+    Inference().update_autoscaler(min_containers=0)
 
 
 @app.local_entrypoint()
@@ -189,9 +254,11 @@ def main():
 def engine_args(**overrides: Any):
     """vLLM's AsyncEngineArgs for this deployment (`overrides` replace ENGINE_ARGS entries)."""
     from vllm import AsyncEngineArgs
-    from vllm.config import StructuredOutputsConfig
+    from vllm.config import CompilationConfig, StructuredOutputsConfig
 
     args = {**ENGINE_ARGS, **overrides}
+    # Some releases (0.9.x) cannot parse this config from a dict: pass the object.
+    args["compilation_config"] = CompilationConfig(**args["compilation_config"])
     # AsyncEngineArgs keeps a dict as it is: the config must be the object.
     args["structured_outputs_config"] = StructuredOutputsConfig(**args["structured_outputs_config"])
     return AsyncEngineArgs(**args)
@@ -237,6 +304,25 @@ class VLLMEngine:
     def stop(self) -> None:
         self.ready = False
         self.engine.shutdown()
+
+    async def warm_up(self) -> None:
+        """A few constrained requests through the whole path before the snapshot, so the first
+        real one after a restore pays for nothing (Modal's snapshot guide advises it)."""
+        schema = await self.schemas.prepare(
+            {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]})
+        for _ in range(3):
+            await self.generate([{"role": "user", "content": "Answer ok."}], schema, max_tokens=16,
+                                temperature=0.0, top_p=1.0)
+
+    async def sleep(self) -> None:
+        """vLLM sleep mode, level 1: weights to CPU memory, KV cache dropped; snapshot-ready."""
+        await self.engine.sleep(level=1)
+        self.ready = False
+
+    async def wake(self) -> None:
+        """After a restore: weights back on the GPU, the KV cache re-allocated."""
+        await self.engine.wake_up()
+        self.ready = True
 
     def _grammar_backend(self):
         """The structured-output backend class vLLM's engine core compiles every grammar with."""

@@ -99,14 +99,18 @@ MAX_SCHEMA_DEPTH = 32
 MAX_BODY_BYTES = 1048576
 SCHEMA_COMPILE_TIMEOUT = 10.0  # seconds
 RETRIES_ON_INVALID = 2  # samples again when a finished output breaks its schema
-MAX_INPUTS = 20  # requests one container serves at once (Modal's max_inputs)
+# Requests one container serves at once: Modal sends a container no more (@modal.concurrent) and
+# SGLang runs exactly that many (--max-running-requests). Past it, Modal queues requests for
+# another container.
+MAX_INPUTS = 20
 
-# Each endpoint is its own URL: https://<workspace>--<label>.modal.run
+# Each endpoint is its own URL, claimed for the whole Modal environment:
+# https://<workspace>[-<web suffix>]--<label>.modal.run
 ENDPOINTS = [
-    {"kind": "health", "label": "health", "auth": "none"},
-    {"kind": "warmup", "label": "warmup", "auth": "proxy"},
-    {"kind": "generate", "label": "generate", "auth": "proxy"},
-    {"kind": "openai", "label": "openai", "auth": "proxy"},
+    {"kind": "health", "label": "lift-sys-coder-health", "auth": "none"},
+    {"kind": "warmup", "label": "lift-sys-coder-warmup", "auth": "proxy"},
+    {"kind": "generate", "label": "lift-sys-coder-generate", "auth": "proxy"},
+    {"kind": "openai", "label": "lift-sys-coder-openai", "auth": "proxy"},
 ]
 
 
@@ -120,8 +124,8 @@ app = modal.App(APP_NAME)
     timeout=1 * MINUTES,  # no GPU: answers in milliseconds, even while the model is cold
 )
 @modal.concurrent(max_inputs=100)
-@modal.asgi_app(label="health")
-def web_health():
+@modal.asgi_app(label="lift-sys-coder-health")
+def web_lift_sys_coder_health():
     return create_app("health", auth="none")
 
 
@@ -146,19 +150,19 @@ class Inference:
 
     @modal.method()
     def ping(self) -> dict[str, Any]:
-        """Called by the keep-warm schedule and `modal run`: reports the loaded model."""
+        """Called by `modal run`: reports the loaded model."""
         return {"model": self.engine.name, "ready": self.engine.ready, "load_seconds": self.engine.load_seconds}
 
-    @modal.asgi_app(label="warmup", requires_proxy_auth=True)
-    def web_warmup(self):
+    @modal.asgi_app(label="lift-sys-coder-warmup", requires_proxy_auth=True)
+    def web_lift_sys_coder_warmup(self):
         return create_app("warmup", self.engine, auth="proxy")
 
-    @modal.asgi_app(label="generate", requires_proxy_auth=True)
-    def web_generate(self):
+    @modal.asgi_app(label="lift-sys-coder-generate", requires_proxy_auth=True)
+    def web_lift_sys_coder_generate(self):
         return create_app("generate", self.engine, auth="proxy")
 
-    @modal.asgi_app(label="openai", requires_proxy_auth=True)
-    def web_openai(self):
+    @modal.asgi_app(label="lift-sys-coder-openai", requires_proxy_auth=True)
+    def web_lift_sys_coder_openai(self):
         return create_app("openai", self.engine, auth="proxy")
 
 

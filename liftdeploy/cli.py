@@ -208,9 +208,11 @@ def check(
 def plan(file: FileArg, env: EnvOption = None) -> None:
     """Show what will be deployed and what changed since the last apply."""
     from .manifest import load
+    from .modal_env import lookup
     from .plan import describe
 
-    typer.echo(describe(load(file, env)))
+    loaded = load(file, env)
+    typer.echo(describe(loaded, env=lookup(loaded.manifest.app.environment)))
 
 
 @app.command()
@@ -229,14 +231,24 @@ def apply(
     from .checks import diagnose
     from .errors import StepError
     from .manifest import load
-    from .plan import describe
+    from .modal_env import lookup
+    from .plan import describe, diff, in_place
+    from .state import read_state, settings
 
     loaded = load(file, env)
     errors = [d for d in diagnose(loaded, drift_check=False) if d.severity == "error"]
     if errors:
         typer.echo("\n".join(d.render() for d in errors), err=True)
         raise StepError("check", f"{len(errors)} error(s); nothing was deployed", "fix them, then re-run apply")
-    typer.echo(describe(loaded))
+    environment = lookup(loaded.manifest.app.environment)
+    if environment.exists is False:
+        raise StepError("environment", f"Modal environment `{environment.name}` does not exist in workspace "
+                        f"`{environment.workspace}`; nothing was deployed",
+                        f"run `modal environment create {environment.name}` (or set `app.environment`), "
+                        "then re-run apply")
+    typer.echo(describe(loaded, env=environment))
+    state = read_state(loaded)
+    quiet = state is not None and in_place(diff(state.settings, settings(loaded), loaded.manifest))
     try:
         confirmed = yes or typer.confirm("\nDeploy this?", default=False)
     except typer.Abort:  # no answer (stdin closed)
@@ -245,7 +257,7 @@ def apply(
         typer.echo("cancelled; nothing was deployed")
         raise typer.Exit(1)
     steps = deploying.apply(
-        loaded, verify=verify, warmup_timeout=timeout,
+        loaded, verify=verify, warmup_timeout=timeout, in_place=quiet,
         on_step=lambda step: typer.echo(f"✓ {step.name} ({step.seconds:.1f} s) {step.detail}"),
         progress=lambda elapsed, last: typer.echo(f"  … warming up, {elapsed:.0f} s ({last})", err=True),
     )

@@ -214,6 +214,18 @@ def xgrammar_bounded_strings_defect(version: str | None) -> bool:
     return v is None or v <= XGRAMMAR_BOUNDED_STRINGS_CHECKED_TO
 
 
+# Engine features a rendered app may ask for, from the first release contract-tested to have them
+# (tests/test_vllm_engine_contract.py reads each family's real wheel: 0.6.5 has neither).
+SLEEP_MODE_SINCE = Version("0.9.2")  # enable_sleep_mode; AsyncLLM.sleep(level) / wake_up()
+REASONING_SINCE = Version("0.9.2")  # reasoning_parser (0.9.x also needs enable_reasoning)
+REASONING_FLAG_UNTIL = Version("0.10")  # `enable_reasoning` is gone from EngineArgs by 0.11
+
+
+def has(vllm_version: str, since: Version) -> bool:
+    v = _version(vllm_version)
+    return v is not None and v >= since
+
+
 def known_versions(package: str) -> list[str]:
     """Released (non-yanked) versions of torch / transformers / xgrammar recorded by the refresh."""
     return KB.known_versions(package)

@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+# Where the local server answers each endpoint: /<label>, the label `<app name>-<kind>` by default.
+GENERATE_32B = "/lift-sys-inference-generate"
+
 pytestmark = pytest.mark.load
 
 spec = importlib.util.spec_from_file_location("load_bench", Path(__file__).parent.parent / "benchmarks" / "load.py")
@@ -22,7 +25,7 @@ spec.loader.exec_module(load_bench)
 def test_overload_is_503_with_retry_after_and_the_server_recovers():
     server, headers = load_bench.serve_seeds_deployment()
     with server:
-        result = asyncio.run(load_bench.load(f"{server.url}/generate", headers, clients=32, seconds=6))
+        result = asyncio.run(load_bench.load(f"{server.url}{GENERATE_32B}", headers, clients=32, seconds=6))
     assert result.unexpected == 0, result.statuses  # only 200s and deliberate 503s; no 500, no dropped connection
     assert result.statuses.get("200", 0) > 0
     assert result.statuses.get("503", 0) > 0  # 32 clients > 20 max_inputs: backpressure answered, not queued

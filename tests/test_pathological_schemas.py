@@ -29,6 +29,11 @@ from liftdeploy.local.server import Credentials, LocalServer, build
 from liftdeploy.manifest import load
 from tests.conftest import DEPLOYMENTS
 
+# Where the local server answers each endpoint: /<label>, the label `<app name>-<kind>` by default.
+GENERATE_Q3 = "/qwen3-structured-generate"
+HEALTH_Q3 = "/qwen3-structured-health"
+OPENAI_Q3 = "/qwen3-structured-openai"
+
 TOKEN = "patho-t0ken"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 COMPILE_TIMEOUT = 10.0  # the manifest default: decoding.schema_compile_timeout
@@ -175,7 +180,7 @@ CASES: dict[str, tuple[dict | str, str]] = {
 
 
 def ordinary_generate(url: str) -> httpx.Response:
-    return httpx.post(f"{url}/generate", headers=AUTH, timeout=PROMPT,
+    return httpx.post(f"{url}{GENERATE_Q3}", headers=AUTH, timeout=PROMPT,
                       json={"prompt": "ok?", "schema": OK_SCHEMA, "temperature": 0})
 
 
@@ -184,7 +189,7 @@ def test_pathological_schema_is_answered_and_the_server_stays_up(server, name):
     schema, expected = CASES[name]
     text = schema if isinstance(schema, str) else json.dumps(schema)
     started = time.monotonic()
-    response = httpx.post(f"{server.url}/generate", timeout=COMPILE_TIMEOUT + 50,
+    response = httpx.post(f"{server.url}{GENERATE_Q3}", timeout=COMPILE_TIMEOUT + 50,
                           headers={**AUTH, "content-type": "application/json"},
                           content='{"prompt": "x", "temperature": 0, "schema": ' + text + "}")
     seconds = time.monotonic() - started
@@ -218,7 +223,7 @@ def test_big_schemas_compile_and_decode_on_the_openai_route(server, name):
     body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 16, "temperature": 0,
             "response_format": {"type": "json_schema", "json_schema": {"name": "big", "schema": schema}}}
     started = time.monotonic()
-    response = httpx.post(f"{server.url}/openai/v1/chat/completions", headers=AUTH, json=body, timeout=60)
+    response = httpx.post(f"{server.url}{OPENAI_Q3}/v1/chat/completions", headers=AUTH, json=body, timeout=60)
     assert response.status_code == 200, response.text[:500]
     assert time.monotonic() - started < COMPILE_TIMEOUT + 20
     choice = response.json()["choices"][0]
@@ -229,7 +234,7 @@ def test_big_schemas_compile_and_decode_on_the_openai_route(server, name):
 def test_openai_route_refuses_a_deep_schema(server):
     body = {"messages": [{"role": "user", "content": "x"}],
             "response_format": {"type": "json_schema", "json_schema": {"name": "deep", "schema": nested_objects(400)}}}
-    response = httpx.post(f"{server.url}/openai/v1/chat/completions", headers=AUTH, json=body, timeout=60)
+    response = httpx.post(f"{server.url}{OPENAI_Q3}/v1/chat/completions", headers=AUTH, json=body, timeout=60)
     assert response.status_code == 422, response.text[:300]
     assert f"nests deeper than {MAX_DEPTH} levels" in response.text
 
@@ -252,14 +257,14 @@ def impatient(engine, tmp_path):
 
 def test_an_overrunning_compile_is_answered_at_the_timeout(impatient):
     started = time.monotonic()
-    response = httpx.post(f"{impatient.url}/generate", headers=AUTH, timeout=60,
+    response = httpx.post(f"{impatient.url}{GENERATE_Q3}", headers=AUTH, timeout=60,
                           json={"prompt": "x", "schema": slow_schema(0)})
     assert response.status_code == 400, response.text
     assert response.json()["detail"] == "schema did not compile within 0.2 s"
     assert time.monotonic() - started < 2
     # the compile goes on in the background; the server answers meanwhile
     started = time.monotonic()
-    assert httpx.get(f"{impatient.url}/health", timeout=5).status_code == 200
+    assert httpx.get(f"{impatient.url}{HEALTH_Q3}", timeout=5).status_code == 200
     assert time.monotonic() - started < 2
 
 
@@ -269,7 +274,7 @@ def test_overrunning_compiles_never_make_another_request_wait(impatient):
 
     def post(schema: dict) -> tuple[int, float, str]:
         started = time.monotonic()
-        response = httpx.post(f"{impatient.url}/generate", headers=AUTH, timeout=60,
+        response = httpx.post(f"{impatient.url}{GENERATE_Q3}", headers=AUTH, timeout=60,
                               json={"prompt": "x", "schema": schema, "temperature": 0})
         return response.status_code, time.monotonic() - started, response.text
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from .. import compat_sglang, sglang_args, sizing
+from .. import catalog, compat_sglang, sglang_args, sizing, urls
 from ..compat import api_family, default_backend, v1_structured_output
 from ._base import LABEL, Section, invalid
 from .image import EngineKind, EngineSection, ImageSection, VolumesSection
@@ -24,6 +24,14 @@ from .serving import (
 from .workload import AppSection, ComputeSection, GpuSpec, ModelSection
 
 # ## The manifest
+
+DEFAULT_KINDS = ("health", "warmup", "generate")
+
+
+def default_label(app_name: str, kind: str) -> str:
+    """An endpoint's label when the manifest gives none: `<app name>-<kind>`, as Modal labels
+    its own (`<app>-<function>`), so two apps in one environment never claim the same URL."""
+    return f"{urls.slug(app_name)}-{kind}"
 
 
 class Manifest(Section):
@@ -42,13 +50,31 @@ class Manifest(Section):
     cold_start: ColdStartSection = ColdStartSection()
     decoding: DecodingSection = DecodingSection()
     endpoints: list[Endpoint] = Field(
-        default_factory=lambda: [Endpoint(kind=k) for k in ("health", "warmup", "generate")],
-        description="What the app serves; each label is its own URL.",
+        default_factory=lambda: [Endpoint(kind=k, label=k) for k in DEFAULT_KINDS],
+        description="What the app serves; each label is its own URL, claimed for the whole Modal environment. "
+        "Default: health, warmup and generate, labelled `<app name>-<kind>`.",
     )
     secrets: SecretsSection = SecretsSection()
     env: dict[str, dict[str, Any]] = Field(
         {}, description="Overlays deep-merged over the base by `--env NAME` (e.g. dev, prod).",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_labels(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        app = data.get("app")
+        name = app.get("name") if isinstance(app, dict) else None
+        prefix = (lambda kind: default_label(name, kind)) if isinstance(name, str) and urls.slug(name) else str
+        endpoints = data.get("endpoints", [{"kind": kind} for kind in DEFAULT_KINDS])
+        if isinstance(endpoints, list):  # (no app name: that is its own error; the kind stands in)
+            endpoints = [
+                {**ep, "label": prefix(ep["kind"])}
+                if isinstance(ep, dict) and ep.get("label") is None and isinstance(ep.get("kind"), str) else ep
+                for ep in endpoints
+            ]
+        return {**data, "endpoints": endpoints}
 
     @field_validator("endpoints")
     @classmethod
@@ -103,7 +129,7 @@ class Manifest(Section):
             raise invalid(f"endpoint `{bearer[0][1]}` uses bearer auth but no secret holds the token",
                           'set `secrets.bearer = "NAME"` of a Modal Secret with LIFTDEPLOY_API_TOKEN',
                           ("endpoints", bearer[0][0], "auth"))
-        if self.cold_start.compile_cache and self.volumes.compile_cache is None:
+        if self.cold_start.compile_cache is True and self.volumes.compile_cache is None:
             raise invalid("cold_start.compile_cache needs a volume",
                           'add `[volumes.compile_cache]` with `name` and `mount = "/root/.cache/vllm"`,'
                           " or set `cold_start.compile_cache = false`", ("cold_start", "compile_cache"))
@@ -126,16 +152,21 @@ class Manifest(Section):
         assert version is not None  # validated
         return version
 
+    @property
+    def compile_cached(self) -> bool:
+        """Whether vLLM's compile cache is kept: only on a volume, on unless switched off."""
+        return self.volumes.compile_cache is not None and self.cold_start.compile_cache is not False
+
     @cached_property
     def gpus(self) -> tuple[GpuSpec, ...]:
-        """The fallback chain with `any` expanded to every other GPU that fits, cheapest first;
-        each entry carries its catalog entry. Computed once."""
+        """The fallback chain with `any` expanded to the cheapest few other GPUs that fit
+        (`catalog.ANY_GPU_WIDTH`); each entry carries its catalog entry. Computed once."""
         named = tuple(g for g in self.compute.gpu if not g.is_any)
         if len(named) == len(self.compute.gpu):
             return named
         count = self.model.tensor_parallel_size
         others = sizing.gpus_that_fit(self.model, count, exclude={g.type for g in named})
-        return named + tuple(GpuSpec.of(gpu, count) for gpu in others)
+        return named + tuple(GpuSpec.of(gpu, count) for gpu in others[: catalog.ANY_GPU_WIDTH])
 
     def gpu_chain(self) -> list[str]:
         """The expanded chain as Modal's `gpu=` strings."""

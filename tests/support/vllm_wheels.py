@@ -41,6 +41,7 @@ from tests.support.cache import CACHE_ENV, cache_root, cached
 
 __all__ = [
     "CACHE_ENV",
+    "ENGINE_DEPS",
     "HOST_MODULES",
     "LEGACY_TRANSFORMERS",
     "LIGHT_DEPS",
@@ -48,6 +49,7 @@ __all__ = [
     "api_family",
     "cache_root",
     "deps_site",
+    "engine_deps_site",
     "overlay_site",
     "prefetch",
     "run_on_path",
@@ -91,6 +93,16 @@ LEGACY_TRANSFORMERS: tuple[str, ...] = (
     "transformers==4.53.3",
     "tokenizers==0.21.4",
     "huggingface_hub==0.34.4",
+)
+
+# What importing the V1 engine class (`vllm.v1.engine.async_llm.AsyncLLM`, which
+# `AsyncLLMEngine.from_engine_args` returns from 0.9 on) needs beyond LIGHT_DEPS; in a directory
+# of its own, so adding it leaves the shared LIGHT_DEPS install alone. Checked on 0.9.2, 0.11.0, 0.32.0.
+ENGINE_DEPS: tuple[str, ...] = (
+    "prometheus_client==0.23.1",
+    "partial-json-parser==0.2.1.1.post6",
+    "llguidance==1.7.6",
+    "diskcache==5.6.3",
 )
 
 # Top-level modules the host interpreter must provide (not installed by this module).
@@ -184,6 +196,11 @@ def vllm_site(version: str) -> Path:
 def deps_site() -> Path:
     """Directory holding ``LIGHT_DEPS`` (shared by every vllm version)."""
     return _ensure_target("vllm-deps", list(LIGHT_DEPS))
+
+
+def engine_deps_site() -> Path:
+    """Directory holding ``ENGINE_DEPS``: pass it as ``extra_paths`` to import the V1 engine."""
+    return _ensure_target("vllm-engine-deps", list(ENGINE_DEPS))
 
 
 def overlay_site(version: str) -> Path | None:
