@@ -24,6 +24,7 @@ from ._files import write_atomic as write_atomic  # where the CLI and apply writ
 from .compat import api_family
 from .errors import StepError
 from .manifest import Loaded, Manifest
+from .openai_server import TOOL_CALL_PARSERS, openai_server_api
 
 TEMPLATE = "modal_app.py.j2"
 TEMPLATES = {"vllm": TEMPLATE, "sglang": "modal_app_sglang.py.j2"}
@@ -123,6 +124,12 @@ def engine_args(m: Manifest) -> dict[str, Any]:
     return args
 
 
+def openai_context(m: Manifest) -> dict[str, Any]:
+    """How the pinned vLLM builds its own OpenAI server, and the options it is given."""
+    parser = TOOL_CALL_PARSERS.get(m.model.known.family) if m.model.known else None
+    return {**openai_server_api(m.image.vllm).context(), "tool_call_parser": parser}
+
+
 def image_env(m: Manifest) -> dict[str, str]:
     """The GPU image's environment, for the manifest's engine."""
     if str(m.engine.kind) == "sglang":
@@ -196,7 +203,8 @@ def context(loaded: Loaded) -> dict[str, Any]:
     }
     if sglang:
         return {**shared, **context_sglang(m)}
-    return {**shared, "api_family": api_family(m.image.vllm), "engine_args": engine_args(m)}
+    openai = openai_context(m) if any(ep.kind.value == "openai" for ep in m.endpoints) else None
+    return {**shared, "api_family": api_family(m.image.vllm), "engine_args": engine_args(m), "openai": openai}
 
 
 def render(loaded: Loaded) -> str:
