@@ -181,23 +181,18 @@ def test_model_still_loading_is_503_with_retry_after():
     assert response.headers["retry-after"] == "5"
 
 
-def test_openai_sdk_structured_output(qwen3):
+def test_openai_route_declines_the_transformers_engine(qwen3):
+    """The route is vLLM's own server: without vLLM it answers every call with a 400 naming the
+    vLLM engine, in OpenAI's error shape, so the SDK shows it (tests/test_openai_route.py serves it)."""
     openai = pytest.importorskip("openai")
     server, auth = qwen3
     client = openai.OpenAI(base_url=f"{server.url}/openai/v1", api_key="t0ken-for-tests", max_retries=0)
-    assert [m.id for m in client.models.list()] == ["Qwen/Qwen3-8B"]
-    schema = SCHEMAS["bounded-integers"]
-    completion = client.chat.completions.create(
-        model="Qwen/Qwen3-8B",
-        messages=[{"role": "user", "content": "Two numbers, please."}],
-        response_format={"type": "json_schema", "json_schema": {"name": "numbers", "schema": schema}},
-        max_tokens=128,
-    )
-    choice = completion.choices[0]
-    assert choice.finish_reason == "stop"
-    jsonschema.validate(json.loads(choice.message.content), schema)
-    assert completion.usage.completion_tokens > 0
-    with pytest.raises(openai.AuthenticationError):
+    for call in (client.models.list,
+                 lambda: client.chat.completions.create(model="Qwen/Qwen3-8B", messages=[{"role": "user", "content": "x"}])):
+        with pytest.raises(openai.BadRequestError, match="--engine vllm") as caught:
+            call()
+        assert caught.value.code == "vllm_engine_required"
+    with pytest.raises(openai.AuthenticationError):  # auth still comes first
         openai.OpenAI(base_url=f"{server.url}/openai/v1", api_key="wrong", max_retries=0).models.list()
 
 

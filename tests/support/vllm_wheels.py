@@ -96,6 +96,7 @@ SERVER_DEPS: tuple[str, ...] = (
     "llguidance==1.7.6",
     "model-hosting-container-standards==0.1.16",  # vllm >= 0.2x: the SageMaker routes
     "jmespath==1.1.0",
+    "diskcache==5.6.3",  # vllm.v1 (the engine class the module holds)
 )
 
 # vllm < 0.10 registers transformers configs (e.g. ``aimv2``) that transformers 5.x already
