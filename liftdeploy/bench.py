@@ -124,8 +124,8 @@ def _served_model(client: Client) -> str:
         response = client.http.get(f"{url}/v1/models", headers=headers, timeout=client.timeout())
         return response.raise_for_status().json()["data"][0]["id"]
     except (httpx.HTTPError, ValueError, KeyError, IndexError) as exc:
-        raise ClientError(f"openai /v1/models did not name a model: {exc}",
-                          hint="check the endpoint's auth and that the model has loaded (`liftdeploy warmup`)") from None
+        hint = "check the endpoint's auth and that the model has loaded (`liftdeploy warmup`)"
+        raise ClientError(f"openai /v1/models did not name a model: {exc}", hint=hint) from None
 
 
 async def _level(request: Callable[[], Awaitable[Timing]], concurrency: int, requests: int) -> Level:
@@ -149,10 +149,14 @@ async def _level(request: Callable[[], Awaitable[Timing]], concurrency: int, req
     wall = time.perf_counter() - started
     latencies = [t.latency_ms for t in timings]
     ttfts = [t.ttft_ms for t in timings if t.ttft_ms is not None]
+
+    def ttft(q: float) -> float | None:
+        return round(percentile(ttfts, q), 1) if ttfts else None
+
+    tokens_per_s = round(sum(t.tokens for t in timings) / wall, 2) if wall else 0.0
     return Level(concurrency, requests, errors, round(percentile(latencies, 0.5), 1),
                  round(percentile(latencies, 0.95), 1), round(percentile(latencies, 0.99), 1),
-                 round(sum(t.tokens for t in timings) / wall, 2) if wall else 0.0, round(wall, 3),
-                 round(percentile(ttfts, 0.5), 1) if ttfts else None, round(percentile(ttfts, 0.99), 1) if ttfts else None)
+                 tokens_per_s, round(wall, 3), ttft(0.5), ttft(0.99))
 
 
 def run(client: Client, async_client: AsyncClient, *, target: str, concurrency: list[int], requests: int,
@@ -208,8 +212,8 @@ def plot(report: BenchReport, path: Path) -> bool:
 
 
 def summary(report: BenchReport) -> str:
-    lines = [f"first successful response: {report.first_response_s:.2f} s",
-             f"timed: {'streamed chat completions (openai)' if report.route == 'openai' else 'generate (no TTFT: not streamed)'}",
+    timed = "streamed chat completions (openai)" if report.route == "openai" else "generate (no TTFT: not streamed)"
+    lines = [f"first successful response: {report.first_response_s:.2f} s", f"timed: {timed}",
              "concurrency  requests  errors   p50 ms   p95 ms   p99 ms  TTFT p50  TTFT p99   tokens/s"]
 
     def ms(value: float | None) -> str:

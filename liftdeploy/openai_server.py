@@ -48,18 +48,19 @@ _USER = ("user",)
 _BOTH = ("parallel_tool_calls", "user")
 
 # Newest first. Each row was read from the wheel of its first release and of the release before it.
+_Api = OpenAIServerApi
 _APIS: tuple[OpenAIServerApi, ...] = (
-    OpenAIServerApi("0.33.0", "tasks", "tasks_config", "launchers", "common", "argparse_utils", "split", False, _USER),
-    OpenAIServerApi("0.29.0", "tasks", "tasks_config", "launchers", "launchers", "argparse_utils", "split", False, _USER),
-    OpenAIServerApi("0.19.0", "tasks", "tasks_config", "openai", "openai", "argparse_utils", "split", False, _USER),
-    OpenAIServerApi("0.16.0", "tasks", "tasks", "openai", "openai", "argparse_utils", "split", False, _USER),
-    OpenAIServerApi("0.15.0", "state", "args", "openai", "openai", "argparse_utils", "split", False, _USER),
-    OpenAIServerApi("0.12.0", "state", "args", "openai", "openai", "argparse_utils", "single", False, _USER),
-    OpenAIServerApi("0.11.1", "state", "args", "openai", "openai", "argparse_utils", "single", False, _BOTH),
-    OpenAIServerApi("0.10.1", "vllm_config", "args", "openai", "openai", "utils", "single", False, _BOTH),
-    OpenAIServerApi("0.8.5", "vllm_config", "args", "openai", "openai", "utils", "single", True, _BOTH),
-    OpenAIServerApi("0.7.0", "model_config", "args", "openai", "openai", "utils", "single", True, _BOTH),
-    OpenAIServerApi("0.6.3", "model_config_sync", "args", "openai", "openai", "utils", "single", True, _BOTH),
+    _Api("0.33.0", "tasks", "tasks_config", "launchers", "common", "argparse_utils", "split", False, _USER),
+    _Api("0.29.0", "tasks", "tasks_config", "launchers", "launchers", "argparse_utils", "split", False, _USER),
+    _Api("0.19.0", "tasks", "tasks_config", "openai", "openai", "argparse_utils", "split", False, _USER),
+    _Api("0.16.0", "tasks", "tasks", "openai", "openai", "argparse_utils", "split", False, _USER),
+    _Api("0.15.0", "state", "args", "openai", "openai", "argparse_utils", "split", False, _USER),
+    _Api("0.12.0", "state", "args", "openai", "openai", "argparse_utils", "single", False, _USER),
+    _Api("0.11.1", "state", "args", "openai", "openai", "argparse_utils", "single", False, _BOTH),
+    _Api("0.10.1", "vllm_config", "args", "openai", "openai", "utils", "single", False, _BOTH),
+    _Api("0.8.5", "vllm_config", "args", "openai", "openai", "utils", "single", True, _BOTH),
+    _Api("0.7.0", "model_config", "args", "openai", "openai", "utils", "single", True, _BOTH),
+    _Api("0.6.3", "model_config_sync", "args", "openai", "openai", "utils", "single", True, _BOTH),
 )
 
 

@@ -64,7 +64,8 @@ with warnings.catch_warnings(record=True) as parsing:
     args = module.vllm_server_args("/models/weights")
 caught += parsing
 out["args"] = {key: getattr(args, key, "MISSING") for key in
-               ("model", "served_model_name", "tool_call_parser", "enable_auto_tool_choice", "disable_fastapi_docs", "api_key")}
+               ("model", "served_model_name", "tool_call_parser", "enable_auto_tool_choice", "disable_fastapi_docs",
+                "api_key")}
 
 # The module's own imports, and how it calls them: read from vllm_openai_app's syntax tree.
 source = inspect.getsource(module.vllm_openai_app)

@@ -66,8 +66,9 @@ SERVER = textwrap.dedent('''
         args = AsyncEngineArgs(model=model_dir, max_model_len=2048, enforce_eager=True, dtype="float32",
                                structured_outputs_config=structured)
         engine = types.SimpleNamespace(engine=AsyncLLMEngine.from_engine_args(args), ready=True, name="smoke")
+        index = {"openai": {"kind": "openai", "auth": "bearer", "path": "/openai"}}
         router = LabelRouter({"openai": module.create_app("openai", engine, auth="bearer")}, {"openai": "bearer"},
-                             Credentials(token=token), {"openai": {"kind": "openai", "auth": "bearer", "path": "/openai"}})
+                             Credentials(token=token), index)
         uvicorn.run(router, host="127.0.0.1", port=int(port), log_level="warning")
 
     if __name__ == "__main__":
@@ -112,8 +113,9 @@ def served(tmp_path_factory):
     (tmp / "server.py").write_text(SERVER)
     port, log = free_port(), tmp / "server.log"
     with open(log, "wb") as out:
-        process = subprocess.Popen([sys.executable, str(tmp / "server.py"), str(cheap_manifest(tmp)), str(tmp / "model"),
-                                    str(port), TOKEN], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        command = [sys.executable, str(tmp / "server.py"), str(cheap_manifest(tmp)), str(tmp / "model"), str(port),
+                   TOKEN]
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 900
@@ -339,8 +341,10 @@ def test_a_deep_schema_is_refused_before_the_engine(served):
 def test_a_long_prompt_and_a_large_body_are_refused(served):
     long = {"model": MODEL, "messages": [{"role": "user", "content": "x" * 40_000}]}
     assert post(served, "/v1/chat/completions", long).status_code == 400
-    assert "characters" in error_of(post(served, "/v1/completions", {"model": MODEL, "prompt": "y" * 40_000}))["message"]
-    huge = post(served, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x" * 2_000_000}]})
+    completion = post(served, "/v1/completions", {"model": MODEL, "prompt": "y" * 40_000})
+    assert "characters" in error_of(completion)["message"]
+    huge = post(served, "/v1/chat/completions",
+                {"model": MODEL, "messages": [{"role": "user", "content": "x" * 2_000_000}]})
     assert huge.status_code == 413 and error_of(huge)
 
 

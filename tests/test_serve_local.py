@@ -187,8 +187,8 @@ def test_openai_route_declines_the_transformers_engine(qwen3):
     openai = pytest.importorskip("openai")
     server, auth = qwen3
     client = openai.OpenAI(base_url=f"{server.url}/openai/v1", api_key="t0ken-for-tests", max_retries=0)
-    for call in (client.models.list,
-                 lambda: client.chat.completions.create(model="Qwen/Qwen3-8B", messages=[{"role": "user", "content": "x"}])):
+    messages = [{"role": "user", "content": "x"}]
+    for call in (client.models.list, lambda: client.chat.completions.create(model="Qwen/Qwen3-8B", messages=messages)):
         with pytest.raises(openai.BadRequestError, match="--engine vllm") as caught:
             call()
         assert caught.value.code == "vllm_engine_required"
