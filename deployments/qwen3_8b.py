@@ -13,6 +13,7 @@ validation, engine, HTTP endpoints, Modal functions.
 # import this module), so `authorized(request: Request)` would become a required query field.
 import asyncio
 import concurrent.futures
+import contextlib
 import hmac
 import json
 import math
@@ -264,7 +265,8 @@ def schema_prompt(prompt: str, schema: dict[str, Any]) -> list[dict[str, str]]:
 # deployment adds: its auth, its request limits (checked before vLLM sees a request), and
 # errors in OpenAI's shape, {"error": {"message", "type", "param", "code"}}.
 
-TOOL_CALL_PARSER = "hermes"  # how vLLM reads tool calls out of the model's text
+# How vLLM reads tool calls out of the model's text; None: vLLM refuses `tool_choice`.
+TOOL_CALL_PARSER = "hermes"
 # The routes this endpoint opens; vLLM's others (tokenizer, admin, SageMaker...) stay closed,
 # since the limits below guard only these.
 OPENAI_ROUTES = {
@@ -287,12 +289,13 @@ def vllm_server_args(model: str):
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
+    # tool_choice "auto" too, not only a named function
+    tools = ["--tool-call-parser", TOOL_CALL_PARSER, "--enable-auto-tool-choice"] if TOOL_CALL_PARSER else []
     return make_arg_parser(FlexibleArgumentParser()).parse_args([
         "--model", model,
         "--served-model-name", MODEL_NAME,  # what clients pass as `model`, here as on any GPU
         "--disable-fastapi-docs",  # this endpoint opens OPENAI_ROUTES only
-        "--tool-call-parser", TOOL_CALL_PARSER,
-        "--enable-auto-tool-choice",  # tool_choice "auto" too, not only a named function
+        *tools,
     ])
 
 
@@ -468,8 +471,9 @@ class OpenAIServer:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                if self.engine is not None and self.engine.ready:
-                    await self.vllm_app()
+                if self.engine is not None and getattr(self.engine, "ready", False) and hasattr(self.engine, "engine"):
+                    with contextlib.suppress(Exception):  # a request meets the failure again, and says why
+                        await self.vllm_app()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await send({"type": "lifespan.shutdown.complete"})
@@ -496,12 +500,15 @@ class OpenAIServer:
             return openai_error(400, "the OpenAI-compatible route is vLLM's own server, and this engine is not "
                                      "vLLM: serve it with `liftdeploy serve --local --engine vllm`",
                                 code="vllm_engine_required")
-        if self.engine is None or not self.engine.ready:
-            return openai_error(503, "the model is still loading; retry shortly", headers={"Retry-After": "5"})
+        if self.engine is None or not self.engine.ready or getattr(self.engine, "dead", False):
+            return openai_error(503, "the model is not ready; retry shortly", headers={"Retry-After": "5"})
         declared = _header(scope, b"content-length")
         if declared and (not declared.isdigit() or int(declared) > MAX_BODY_BYTES):
             return openai_error(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
-        await self.vllm_app()
+        try:
+            await self.vllm_app()
+        except Exception as exc:  # not the client's doing: said as it is
+            return openai_error(500, f"vLLM's OpenAI server could not be built: {type(exc).__name__}: {exc}")
         return None
 
     def too_busy(self):
@@ -551,7 +558,7 @@ def _with_defaults(route: str, body: dict[str, Any]) -> dict[str, Any]:
 def _replayed(scope, receive, body: dict[str, Any]):
     """The scope and receive channel that hand vLLM the (checked) body again."""
     raw = json.dumps(body).encode()
-    headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
+    headers = [(k, v) for k, v in scope["headers"] if k.lower() not in (b"content-length", b"transfer-encoding")]
     sent = False
 
     async def receive_again():
