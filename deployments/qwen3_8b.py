@@ -265,7 +265,7 @@ def schema_prompt(prompt: str, schema: dict[str, Any]) -> list[dict[str, str]]:
 # deployment adds: its auth, its request limits (checked before vLLM sees a request), and
 # errors in OpenAI's shape, {"error": {"message", "type", "param", "code"}}.
 
-# How vLLM reads tool calls out of the model's text; None: vLLM refuses `tool_choice`.
+# How vLLM reads tool calls out of the model's text ("": none known, and vLLM refuses `tool_choice`).
 TOOL_CALL_PARSER = "hermes"
 # The routes this endpoint opens; vLLM's others (tokenizer, admin, SageMaker...) stay closed,
 # since the limits below guard only these.
