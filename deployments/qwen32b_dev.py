@@ -818,6 +818,7 @@ def generate_app(engine: Any, auth: str):
     return api
 
 
+
 APPS = {
     "generate": generate_app,
     "health": health_app,

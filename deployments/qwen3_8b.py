@@ -15,6 +15,7 @@ validation, schemas, one small FastAPI app per endpoint).
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import hmac
 import json
 import math
@@ -25,7 +26,7 @@ import uuid
 from typing import Any, Literal
 
 import modal
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MINUTES = 60  # seconds
 
@@ -504,39 +505,6 @@ class GenerateResponse(BaseModel):
     model: str
 
 
-class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str = Field(max_length=MAX_PROMPT_CHARS)
-
-
-class JsonSchemaFormat(BaseModel):
-    name: str = Field("output", max_length=64)
-    schema_: dict[str, Any] = Field(alias="schema")
-    strict: bool | None = None
-
-    @field_validator("schema_")
-    @classmethod
-    def _bounded(cls, schema: dict[str, Any]) -> dict[str, Any]:
-        return _bounded_schema(schema)
-
-
-class ResponseFormat(BaseModel):
-    type: Literal["json_schema", "json_object", "text"]
-    json_schema: JsonSchemaFormat | None = None
-
-
-class ChatCompletionRequest(BaseModel):
-    model: str | None = None
-    messages: list[ChatMessage] = Field(min_length=1, max_length=256)
-    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
-    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
-    temperature: float = Field(DEFAULT_TEMPERATURE, ge=0.0, le=2.0)
-    top_p: float = Field(DEFAULT_TOP_P, gt=0.0, le=1.0)
-    response_format: ResponseFormat | None = None
-    stream: Literal[False] = False
-    n: Literal[1] = 1
-
-
 # ## Schemas: what the engine is given, and what counts as complete
 
 
@@ -783,6 +751,13 @@ def schema_prompt(prompt: str, schema: dict[str, Any]) -> list[dict[str, str]]:
     return [{"role": "system", "content": instruction}, {"role": "user", "content": prompt}]
 
 
+def bearer_ok(authorization: str) -> bool:
+    """Whether an `Authorization` header carries this deployment's token (compared in constant time)."""
+    expected = os.environ.get(TOKEN_ENV, "")
+    scheme, _, token = authorization.partition(" ")
+    return bool(expected) and scheme.lower() == "bearer" and hmac.compare_digest(token.encode(), expected.encode())
+
+
 def base_app(kind: str, auth: str):
     """A FastAPI app with what every endpoint shares: body limit, 422s that never fail, auth."""
     from fastapi import Depends, FastAPI, HTTPException, Request
@@ -793,10 +768,7 @@ def base_app(kind: str, auth: str):
     async def authorized(request: Request) -> None:
         if auth != "bearer":
             return
-        expected = os.environ.get(TOKEN_ENV, "")
-        given = request.headers.get("authorization", "")
-        scheme, _, token = given.partition(" ")
-        if not expected or scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), expected.encode()):
+        if not bearer_ok(request.headers.get("authorization", "")):
             raise HTTPException(401, detail="missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
     api = FastAPI(title=f"{APP_NAME} {kind}", docs_url=None, redoc_url=None, dependencies=[Depends(authorized)])
@@ -943,50 +915,312 @@ def generate_app(engine: Any, auth: str):
     return api
 
 
+
+# ### The OpenAI-compatible route
+# vLLM's own OpenAI server, built in this container on the engine that serves `generate`: one
+# engine per container, and everything vLLM's server does (streaming, n, tools, logprobs,
+# /v1/completions, /metrics) without a line of it written here. In front of it only what this
+# deployment adds: its auth, its request limits (checked before vLLM sees a request), and
+# errors in OpenAI's shape, {"error": {"message", "type", "param", "code"}}.
+
+# How vLLM reads tool calls out of the model's text ("": none known, and vLLM refuses `tool_choice`).
+TOOL_CALL_PARSER = "hermes"
+# The routes this endpoint opens; vLLM's others (tokenizer, admin, SageMaker...) stay closed,
+# since the limits below guard only these.
+OPENAI_ROUTES = {
+    "/v1/chat/completions": "POST",
+    "/v1/completions": "POST",
+    "/v1/models": "GET",
+    "/health": "GET",
+    "/metrics": "GET",
+}
+GENERATION_ROUTES = ("/v1/chat/completions", "/v1/completions")
+# Request fields vLLM 0.32.0 accepts but does not act on: refused, never silently ignored.
+IGNORED_BY_VLLM = frozenset(["user"])
+MAX_CHOICES = 8  # n and best_of: each choice is a generation of its own
+MAX_MESSAGES = 256
+MAX_TOOLS = 128
+
+
+def vllm_server_args(model: str):
+    """vLLM's own options for its OpenAI server, parsed by its own parser (this release's defaults for the rest)."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    # tool_choice "auto" too, not only a named function
+    tools = ["--tool-call-parser", TOOL_CALL_PARSER, "--enable-auto-tool-choice"] if TOOL_CALL_PARSER else []
+    return make_arg_parser(FlexibleArgumentParser()).parse_args([
+        "--model", model,
+        "--served-model-name", MODEL_NAME,  # what clients pass as `model`, here as on any GPU
+        "--disable-fastapi-docs",  # this endpoint opens OPENAI_ROUTES only
+        *tools,
+    ])
+
+
+async def vllm_openai_app(engine_client):
+    """vLLM 0.32.0's OpenAI-compatible FastAPI app, its state initialised on `engine_client`."""
+    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+    from vllm.entrypoints.launchers.app import build_app
+
+    args = vllm_server_args(engine_client.model_config.model)
+    tasks = await engine_client.get_supported_tasks()
+    app = build_app(args, tasks, engine_client.model_config)
+    await init_app_state(engine_client, app.state, args, tasks)
+    return app
+
+
+def vllm_request_fields() -> dict[str, frozenset[str]]:
+    """The fields (and aliases) of vLLM's own request models, per generation route."""
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    def names(model) -> frozenset[str]:
+        return frozenset(name for key, field in model.model_fields.items() for name in (key, field.alias) if name)
+
+    return {
+        "/v1/chat/completions": names(ChatCompletionRequest) - IGNORED_BY_VLLM,
+        "/v1/completions": names(CompletionRequest) - IGNORED_BY_VLLM,
+    }
+
+
+# What this deployment bounds in a chat or completions request. vLLM's own request models
+# validate everything else, with its own messages.
+
+
+def _bounded_or_none(schema: dict[str, Any] | str | None) -> dict[str, Any] | str | None:
+    if isinstance(schema, str) and len(schema) > MAX_SCHEMA_BYTES:
+        raise ValueError(f"schema is larger than {MAX_SCHEMA_BYTES} bytes")
+    return _bounded_schema(schema) if isinstance(schema, dict) else schema
+
+
+def _text_chars(value: Any) -> int:
+    """Characters of prompt text: a string, a list of strings, or content parts with `text`."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list):
+        return sum(_text_chars(part.get("text") if isinstance(part, dict) else part) for part in value)
+    return 0
+
+
+class OpenAIJsonSchema(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    bounded = field_validator("schema_")(_bounded_or_none)
+
+
+class OpenAIResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    json_schema: OpenAIJsonSchema | None = None
+
+
+class OpenAIFunction(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    parameters: dict[str, Any] | None = None
+    bounded = field_validator("parameters")(_bounded_or_none)
+
+
+class OpenAITool(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    function: OpenAIFunction | None = None
+
+
+class OpenAIStructuredOutputs(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    bounded = field_validator("json_")(_bounded_or_none)
+
+
+class OpenAILimits(BaseModel):
+    """The limits of this deployment, on a chat or completions request body."""
+
+    model_config = ConfigDict(extra="allow")
+
+    messages: list[dict[str, Any]] | None = Field(None, max_length=MAX_MESSAGES)
+    prompt: Any = None
+    max_tokens: int | None = Field(None, le=MAX_TOKENS_LIMIT)
+    max_completion_tokens: int | None = Field(None, le=MAX_TOKENS_LIMIT)
+    n: int | None = Field(None, le=MAX_CHOICES)
+    best_of: int | None = Field(None, le=MAX_CHOICES)
+    response_format: OpenAIResponseFormat | None = None
+    tools: list[OpenAITool] | None = Field(None, max_length=MAX_TOOLS)
+    guided_json: dict[str, Any] | str | None = None
+    structured_outputs: OpenAIStructuredOutputs | None = None
+    bounded = field_validator("guided_json")(_bounded_or_none)
+
+    @model_validator(mode="after")
+    def _prompt_chars(self) -> "OpenAILimits":
+        chars = _text_chars(self.prompt) + sum(_text_chars(message.get("content")) for message in self.messages or [])
+        if chars > MAX_PROMPT_CHARS:
+            raise ValueError(f"the prompt is {chars} characters; this deployment accepts {MAX_PROMPT_CHARS}")
+        return self
+
+
+def openai_error(status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
+    """An error as OpenAI answers it, so the SDK shows the message."""
+    from starlette.responses import JSONResponse
+
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    error = {"message": message, "type": kind, "param": param, "code": code}
+    return JSONResponse({"error": error}, status_code=status, headers=headers)
+
+
+def openai_refusal(route: str, body: Any, fields: frozenset[str]):
+    """Why this deployment refuses a generation request before vLLM sees it (an error response), or None."""
+    from pydantic import ValidationError
+
+    if not isinstance(body, dict):
+        return openai_error(400, "the request body must be a JSON object")
+    unknown = sorted(set(body) - fields)
+    if unknown:  # vLLM would log and ignore it: refused, as OpenAI refuses it
+        return openai_error(400, f"Unrecognized request argument supplied: {unknown[0]}", param=unknown[0])
+    try:
+        OpenAILimits.model_validate(body)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        param = ".".join(str(part) for part in error["loc"]) or None
+        message = error["msg"].removeprefix("Value error, ")
+        return openai_error(400, f"{param}: {message}" if param else message, param=param)
+    return None
+
+
 def openai_app(engine: Any, auth: str):
-    from fastapi import HTTPException, Request
+    """The `openai` endpoint: vLLM's own server on `engine`, behind this deployment's auth and limits."""
+    return OpenAIServer(engine, auth)
 
-    api = base_app("openai", auth)
 
-    @api.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": MODEL_NAME, "object": "model", "owned_by": APP_NAME}]}
+class OpenAIServer:
+    """vLLM's OpenAI app on `engine`, behind this endpoint's auth and request limits (an ASGI app).
 
-    @api.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> dict[str, Any]:
-        fmt = body.response_format
-        if fmt is not None and fmt.type == "json_schema" and fmt.json_schema is None:
-            raise HTTPException(422, detail="response_format.json_schema is required for type json_schema")
-        schema = None
-        if fmt is not None and fmt.type == "json_schema":
-            schema = fmt.json_schema.schema_
-        elif fmt is not None and fmt.type == "json_object":
-            schema = {"type": "object"}
-        result = await until_disconnected(request, constrained(
-            engine, [message.model_dump() for message in body.messages], schema,
-            max_tokens=body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_TOKENS,
-            temperature=body.temperature, top_p=body.top_p,
-        ))
-        return {
-            "id": f"chatcmpl-{uuid.uuid4().hex}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": MODEL_NAME,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": result["text"]},
-                    "finish_reason": result["finish_reason"],
-                }
-            ],
-            "usage": {
-                "prompt_tokens": result["prompt_tokens"],
-                "completion_tokens": result["completion_tokens"],
-                "total_tokens": result["prompt_tokens"] + result["completion_tokens"],
-            },
-        }
+    vLLM's app is built on the event loop that serves it, at startup or on the first request:
+    vLLM's engine client belongs to the loop that first uses it.
+    """
 
-    return api
+    def __init__(self, engine: Any, auth: str):
+        self.engine = engine
+        self.auth = auth
+        self.app = None
+        self.fields: dict[str, frozenset[str]] = {}
+        self.building: asyncio.Lock | None = None
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            await self.lifespan(receive, send)
+            return
+        if scope["type"] != "http":  # vLLM's websocket routes stay closed
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        path = scope["path"]
+        if scope.get("root_path") and path.startswith(scope["root_path"]):
+            path = path[len(scope["root_path"]):]
+        refusal = await self.refusal(scope, path)
+        if refusal is None and path in GENERATION_ROUTES:
+            body, refusal = _checked_body(path, await _read_body(receive), self.fields[path])
+        if refusal is not None:
+            await refusal(scope, receive, send)
+            return
+        if path not in GENERATION_ROUTES:
+            await self.app(scope, receive, send)
+            return
+        async with LIMITER:  # this container's turn, shared with `generate`
+            await self.app(*_replayed(scope, receive, _with_defaults(path, body)), send)
+
+    async def lifespan(self, receive, send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                if self.engine is not None and getattr(self.engine, "ready", False) and hasattr(self.engine, "engine"):
+                    with contextlib.suppress(Exception):  # a request meets the failure again, and says why
+                        await self.vllm_app()
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def vllm_app(self):
+        self.building = self.building or asyncio.Lock()
+        async with self.building:
+            if self.app is None:
+                self.app = await vllm_openai_app(self.engine.engine)
+                self.fields = vllm_request_fields()
+        return self.app
+
+    async def refusal(self, scope, path: str):
+        """The answer to a request refused before vLLM sees its body, or None."""
+        if OPENAI_ROUTES.get(path) not in (scope["method"], None) and scope["method"] != "OPTIONS":
+            return openai_error(405, f"{scope['method']} is not allowed on {path}; use {OPENAI_ROUTES[path]}")
+        if path not in OPENAI_ROUTES:
+            return openai_error(404, f"Invalid URL ({scope['method']} {path})", code="unknown_url")
+        if self.auth == "bearer" and not bearer_ok(_header(scope, b"authorization")):
+            return openai_error(401, "Incorrect API key provided", code="invalid_api_key",
+                                headers={"WWW-Authenticate": "Bearer"})
+        if self.engine is not None and not hasattr(self.engine, "engine"):  # `serve --local`'s transformers stand-in
+            return openai_error(400, "the OpenAI-compatible route is vLLM's own server, and this engine is not "
+                                     "vLLM: serve it with `liftdeploy serve --local --engine vllm`",
+                                code="vllm_engine_required")
+        if self.engine is None or not self.engine.ready or getattr(self.engine, "dead", False):
+            return openai_error(503, "the model is not ready; retry shortly", headers={"Retry-After": "5"})
+        declared = _header(scope, b"content-length")
+        if declared and (not declared.isdigit() or int(declared) > MAX_BODY_BYTES):
+            return openai_error(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
+        try:
+            await self.vllm_app()
+        except Exception as exc:  # not the client's doing: said as it is
+            return openai_error(500, f"vLLM's OpenAI server could not be built: {type(exc).__name__}: {exc}")
+        return None
+
+
+def _header(scope, name: bytes) -> str:
+    return next((value.decode("latin-1") for key, value in scope["headers"] if key.lower() == name), "")
+
+
+async def _read_body(receive) -> bytes | None:
+    """The request body, or None once it passes MAX_BODY_BYTES (a chunked body declares no length)."""
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return b""
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        if size > MAX_BODY_BYTES:
+            return None
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+def _checked_body(route: str, body: bytes | None, fields: frozenset[str]):
+    """The parsed body and None, or None and the answer refusing it."""
+    if body is None:
+        return None, openai_error(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
+    try:
+        parsed = json.loads(body)
+    except (ValueError, RecursionError):  # not JSON, or nested past the parser's stack
+        return None, openai_error(400, "the request body is not valid JSON")
+    return parsed, openai_refusal(route, parsed, fields)
+
+
+def _with_defaults(route: str, body: dict[str, Any]) -> dict[str, Any]:
+    """A chat request without a token limit gets this deployment's default, not the whole context."""
+    if route == "/v1/chat/completions" and body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
+        return {**body, "max_completion_tokens": DEFAULT_MAX_TOKENS}
+    return body
+
+
+def _replayed(scope, receive, body: dict[str, Any]):
+    """The scope and receive channel that hand vLLM the (checked) body again."""
+    raw = json.dumps(body).encode()
+    headers = [(k, v) for k, v in scope["headers"] if k.lower() not in (b"content-length", b"transfer-encoding")]
+    sent = False
+
+    async def receive_again():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+        return await receive()  # then the client's disconnect, which ends a stream early
+
+    return {**scope, "headers": [*headers, (b"content-length", str(len(raw)).encode())]}, receive_again
 
 
 APPS = {

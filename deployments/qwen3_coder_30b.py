@@ -405,39 +405,6 @@ class GenerateResponse(BaseModel):
     model: str
 
 
-class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str = Field(max_length=MAX_PROMPT_CHARS)
-
-
-class JsonSchemaFormat(BaseModel):
-    name: str = Field("output", max_length=64)
-    schema_: dict[str, Any] = Field(alias="schema")
-    strict: bool | None = None
-
-    @field_validator("schema_")
-    @classmethod
-    def _bounded(cls, schema: dict[str, Any]) -> dict[str, Any]:
-        return _bounded_schema(schema)
-
-
-class ResponseFormat(BaseModel):
-    type: Literal["json_schema", "json_object", "text"]
-    json_schema: JsonSchemaFormat | None = None
-
-
-class ChatCompletionRequest(BaseModel):
-    model: str | None = None
-    messages: list[ChatMessage] = Field(min_length=1, max_length=256)
-    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
-    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
-    temperature: float = Field(DEFAULT_TEMPERATURE, ge=0.0, le=2.0)
-    top_p: float = Field(DEFAULT_TOP_P, gt=0.0, le=1.0)
-    response_format: ResponseFormat | None = None
-    stream: Literal[False] = False
-    n: Literal[1] = 1
-
-
 # ## Schemas: what the engine is given, and what counts as complete
 
 
@@ -836,6 +803,45 @@ def generate_app(engine: Any, auth: str):
         )
 
     return api
+
+
+
+# ### The OpenAI-compatible route
+# Chat completions in OpenAI's shape, on the same engine and limits as `generate` (SGLang's own
+# OpenAI server runs in this container too, but behind none of this deployment's limits).
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=MAX_PROMPT_CHARS)
+
+
+class JsonSchemaFormat(BaseModel):
+    name: str = Field("output", max_length=64)
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+    @field_validator("schema_")
+    @classmethod
+    def _bounded(cls, schema: dict[str, Any]) -> dict[str, Any]:
+        return _bounded_schema(schema)
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["json_schema", "json_object", "text"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class ChatCompletionRequest(BaseModel):
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1, max_length=256)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    temperature: float = Field(DEFAULT_TEMPERATURE, ge=0.0, le=2.0)
+    top_p: float = Field(DEFAULT_TOP_P, gt=0.0, le=1.0)
+    response_format: ResponseFormat | None = None
+    stream: Literal[False] = False
+    n: Literal[1] = 1
 
 
 def openai_app(engine: Any, auth: str):

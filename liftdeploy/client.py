@@ -254,7 +254,8 @@ class _Base:
                 yield float(self._delay(attempt, response))
         raise self._gave_up(req, last)
 
-    def _request(self, kind: str, method: str, body: Any, read_timeout: float | None) -> dict[str, Any]:
+    def address(self, kind: str) -> tuple[str, dict[str, str]]:
+        """The base URL of the endpoint of `kind`, and the headers its auth wants."""
         label = self.endpoints.label(kind, self.kinds)
         headers = {"Accept": "application/json"}
         auth = self.endpoints.auth.get(label, "none")
@@ -262,9 +263,16 @@ class _Base:
             headers["Authorization"] = f"Bearer {self.token}"
         if auth in ("proxy", "auto") and self.proxy_auth:
             headers["Modal-Key"], headers["Modal-Secret"] = self.proxy_auth
+        return self.endpoints.urls[label], headers
+
+    def timeout(self, read_timeout: float | None = None) -> httpx.Timeout:
         read = read_timeout or (self.timeouts.read if self.warm else self.timeouts.cold_read)
-        return {"label": label, "method": method, "url": self.endpoints.urls[label], "headers": headers,
-                "json": body, "timeout": httpx.Timeout(read, connect=self.timeouts.connect)}
+        return httpx.Timeout(read, connect=self.timeouts.connect)
+
+    def _request(self, kind: str, method: str, body: Any, read_timeout: float | None) -> dict[str, Any]:
+        url, headers = self.address(kind)
+        return {"label": self.endpoints.label(kind, self.kinds), "method": method, "url": url, "headers": headers,
+                "json": body, "timeout": self.timeout(read_timeout)}
 
     def _delay(self, attempt: int, response: httpx.Response | None) -> float:
         after = response.headers.get("retry-after") if response is not None else None

@@ -24,6 +24,7 @@ from ._files import write_atomic as write_atomic  # where the CLI and apply writ
 from .compat import api_family, v1_structured_output
 from .errors import StepError
 from .manifest import Loaded, Manifest
+from .openai_server import TOOL_CALL_PARSERS, openai_server_api
 
 TEMPLATE = "modal_app.py.j2"
 TEMPLATES = {"vllm": TEMPLATE, "sglang": "modal_app_sglang.py.j2"}
@@ -144,6 +145,12 @@ def engine_args(m: Manifest) -> dict[str, Any]:
     return args
 
 
+def openai_context(m: Manifest) -> dict[str, Any]:
+    """How the pinned vLLM builds its own OpenAI server, and the options it is given."""
+    parser = TOOL_CALL_PARSERS.get(m.model.known.family) if m.model.known else None
+    return {**openai_server_api(m.image.vllm).context(), "tool_call_parser": parser}
+
+
 def image_env(m: Manifest) -> dict[str, str]:
     """The GPU image's environment, for the manifest's engine."""
     if str(m.engine.kind) == "sglang":
@@ -194,6 +201,7 @@ def context_sglang(m: Manifest) -> dict[str, Any]:
         "sglang_version": sglang_args.version(m),
         "grammar_backend": sglang_args.grammar_backend(m),
         "server_args": sglang_args.server_args(m),
+        "openai_template": "_openai_chat.py.j2",
     }
 
 
@@ -225,8 +233,10 @@ def context(loaded: Loaded) -> dict[str, Any]:
     }
     if sglang:
         return {**shared, **context_sglang(m)}
+    openai = openai_context(m) if any(ep.kind.value == "openai" for ep in m.endpoints) else None
     return {**shared, "api_family": api_family(m.image.vllm), "engine_args": engine_args(m),
-            "v1_structured_output": v1_structured_output(m.image.vllm)}
+            "v1_structured_output": v1_structured_output(m.image.vllm), "openai": openai,
+            "openai_template": "openai_route.py.j2"}
 
 
 def render(loaded: Loaded) -> str:

@@ -214,31 +214,6 @@ def test_pathological_schema_is_answered_and_the_server_stays_up(server, name):
     assert time.monotonic() - started < PROMPT
 
 
-@pytest.mark.parametrize("name", ["enum-10k-integers", "enum-5k-strings", "ref-chain-1500", "anyOf-700-objects",
-                                  "anyOf-nested-1000-patterns", "prefixItems-1500", "near-max-bytes"])
-def test_big_schemas_compile_and_decode_on_the_openai_route(server, name):
-    """The chat route does not state the schema in the prompt: the big schemas that `generate` refuses
-    for the smoke model's short context are compiled and decoded here."""
-    schema = CASES[name][0]
-    body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 16, "temperature": 0,
-            "response_format": {"type": "json_schema", "json_schema": {"name": "big", "schema": schema}}}
-    started = time.monotonic()
-    response = httpx.post(f"{server.url}{OPENAI_Q3}/v1/chat/completions", headers=AUTH, json=body, timeout=60)
-    assert response.status_code == 200, response.text[:500]
-    assert time.monotonic() - started < COMPILE_TIMEOUT + 20
-    choice = response.json()["choices"][0]
-    if choice["finish_reason"] == "stop":
-        jsonschema.validate(json.loads(choice["message"]["content"]), schema)
-
-
-def test_openai_route_refuses_a_deep_schema(server):
-    body = {"messages": [{"role": "user", "content": "x"}],
-            "response_format": {"type": "json_schema", "json_schema": {"name": "deep", "schema": nested_objects(400)}}}
-    response = httpx.post(f"{server.url}{OPENAI_Q3}/v1/chat/completions", headers=AUTH, json=body, timeout=60)
-    assert response.status_code == 422, response.text[:300]
-    assert f"nests deeper than {MAX_DEPTH} levels" in response.text
-
-
 # ## Compiles that overrun the timeout
 
 

