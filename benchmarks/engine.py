@@ -29,11 +29,13 @@ from pathlib import Path
 
 import httpx
 import jsonschema
+import tomllib
 
 from liftdeploy.bench import percentile
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFEST = ROOT / "deployments" / "qwen3-8b.toml"
+APP = tomllib.loads(MANIFEST.read_text())["app"]["name"]  # endpoints answer under /<app name>-<kind>
 CORPUS = ROOT.parent / "shared" / "corpus" / "schemas.jsonl"
 TOKEN = "bench-token"
 HEADERS = {"Authorization": f"Bearer {TOKEN}"}
@@ -80,7 +82,7 @@ def start(manifest: Path, log: Path) -> tuple[subprocess.Popen, str]:
         if process.poll() is not None:
             raise SystemExit(f"serve exited:\n{log.read_text()[-3000:]}")
         try:
-            if httpx.get(f"{url}/warmup/", headers=HEADERS, timeout=5).json().get("status") == "warm":
+            if httpx.get(f"{url}/{APP}-warmup/", headers=HEADERS, timeout=5).json().get("status") == "warm":
                 return process, url
         except (httpx.HTTPError, ValueError):
             pass
@@ -109,13 +111,13 @@ async def level(url: str, concurrency: int, requests: int, max_tokens: int, cons
                 if constrained:
                     body = {"prompt": f"Example {i}.", "schema": SCHEMAS[i % len(SCHEMAS)], "max_tokens": max_tokens,
                             "temperature": 0.8}
-                    reply = await client.post(f"{url}/generate/", json=body)
+                    reply = await client.post(f"{url}/{APP}-generate/", json=body)
                     reply.raise_for_status()
                     tokens += reply.json()["tokens_used"]
                 else:
                     body = {"model": "Qwen/Qwen3-8B", "messages": [{"role": "user", "content": f"Example {i}."}],
                             "max_tokens": max_tokens, "temperature": 0.8}
-                    reply = await client.post(f"{url}/openai/v1/chat/completions", json=body)
+                    reply = await client.post(f"{url}/{APP}-openai/v1/chat/completions", json=body)
                     reply.raise_for_status()
                     tokens += reply.json()["usage"]["completion_tokens"]
                 latencies.append(time.perf_counter() - started)
@@ -139,7 +141,7 @@ async def corpus(url: str, max_tokens: int) -> dict:
             async with slots:
                 body = {"prompt": "Produce an example.", "schema": row["schema"], "max_tokens": max_tokens,
                         "temperature": 0.8}
-                reply = await client.post(f"{url}/generate/", json=body)
+                reply = await client.post(f"{url}/{APP}-generate/", json=body)
             if reply.status_code == 400:
                 counts["refused"] += 1
                 return

@@ -233,7 +233,7 @@ def test_sglang_module_generates_and_validates_like_the_vllm_one(coder):
     unauthorised = httpx.post(f"{server.url}{GENERATE_CODER}", json={"prompt": "x", "schema": {}}, timeout=30)
     assert unauthorised.status_code == 401
     health = httpx.get(f"{server.url}{HEALTH_CODER}", timeout=30).json()
-    assert health["backend"] == "SGLang 0.5.4.post3 with llguidance" and health["smoke_model"] is True
+    assert health["backend"] == "SGLang 0.5.4.post3 with guidance" and health["smoke_model"] is True
 
 
 def test_sglang_module_openai_route(coder):

@@ -72,7 +72,7 @@ def answers(rows, vllm_server):
                 async with slots:
                     body = {"prompt": "Produce an example.", "schema": row["schema"], "max_tokens": 384,
                             "temperature": 0.8}
-                    return row, await client.post(f"{vllm_server.url}/generate/", json=body)
+                    return row, await client.post(f"{vllm_server.route('generate')}/", json=body)
             return await asyncio.gather(*(one(row) for row in rows))
 
     return asyncio.run(run())

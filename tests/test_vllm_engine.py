@@ -60,13 +60,13 @@ def test_warmup_and_health_report_the_real_engine(server):
     assert warm["status"] == "warm" and warm["model_loaded"] is True
     assert warm["model"] == "smoke:qwen3" and warm["smoke_model"] is True
     assert warm["load_seconds"] > 0 and warm["requests_running"] == 0
-    health = httpx.get(f"{server.url}/health/", timeout=30).json()  # public in this manifest
+    health = httpx.get(f"{server.route('health')}/", timeout=30).json()  # public in this manifest
     assert health["backend"] == "vLLM 0.32.0 with guidance"
     assert "vllm 0.32.0" in server.log_text().lower() or "v0.32.0" in server.log_text()
 
 
 def test_auth_is_enforced(server):
-    reply = httpx.post(f"{server.url}/generate/", json={"prompt": "x", "schema": {"type": "object"}}, timeout=30)
+    reply = httpx.post(f"{server.route('generate')}/", json={"prompt": "x", "schema": {"type": "object"}}, timeout=30)
     assert reply.status_code == 401
 
 
@@ -138,7 +138,7 @@ def test_concurrent_requests_are_batched_by_the_engine(server):
     async def burst():
         async with httpx.AsyncClient(headers=server.headers, timeout=300) as client:
             body = {"prompt": "Tell a story.", "schema": schema, "max_tokens": 400, "temperature": 1.0}
-            return await asyncio.gather(*(client.post(f"{server.url}/generate/", json=body) for _ in range(8)))
+            return await asyncio.gather(*(client.post(f"{server.route('generate')}/", json=body) for _ in range(8)))
 
     watcher = threading.Thread(target=watch)
     watcher.start()
@@ -154,7 +154,7 @@ def test_concurrent_requests_are_batched_by_the_engine(server):
 def test_openai_route_with_the_official_sdk(server):
     from openai import OpenAI
 
-    client = OpenAI(base_url=f"{server.url}/openai/v1", api_key=server.headers["Authorization"].split()[1])
+    client = OpenAI(base_url=f"{server.route('openai')}/v1", api_key=server.headers["Authorization"].split()[1])
     schema = SCHEMAS["enum"]
     reply = client.chat.completions.create(
         model="Qwen/Qwen3-8B", messages=[{"role": "user", "content": "Rate it."}], max_tokens=64,
@@ -174,7 +174,8 @@ def test_a_client_that_disconnects_is_aborted_in_the_engine(server):
 
     def impatient_client():
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(f"{server.url}/generate/", json=body, headers=server.headers, timeout=httpx.Timeout(30, read=4))
+            httpx.post(f"{server.route('generate')}/", json=body, headers=server.headers,
+                       timeout=httpx.Timeout(30, read=4))
         gave_up.set()
 
     client = threading.Thread(target=impatient_client)

@@ -50,13 +50,18 @@ class Served:
     process: subprocess.Popen
     log: Path
     headers: dict[str, str]
+    labels: dict[str, str]  # endpoint kind -> its label (the path it is served under)
 
-    def get(self, label: str, path: str = "/", **kwargs) -> httpx.Response:
+    def route(self, kind: str) -> str:
+        """The URL of the endpoint of `kind` (or of that label)."""
+        return f"{self.url}/{self.labels.get(kind, kind)}"
+
+    def get(self, kind: str, path: str = "/", **kwargs) -> httpx.Response:
         timeout = kwargs.pop("timeout", 120)
-        return httpx.get(f"{self.url}/{label}{path}", headers=self.headers, timeout=timeout, **kwargs)
+        return httpx.get(f"{self.route(kind)}{path}", headers=self.headers, timeout=timeout, **kwargs)
 
-    def post(self, label: str, body: dict, path: str = "/", **kwargs) -> httpx.Response:
-        return httpx.post(f"{self.url}/{label}{path}", json=body, headers=self.headers,
+    def post(self, kind: str, body: dict, path: str = "/", **kwargs) -> httpx.Response:
+        return httpx.post(f"{self.route(kind)}{path}", json=body, headers=self.headers,
                           timeout=kwargs.pop("timeout", 300), **kwargs)
 
     def log_text(self) -> str:
@@ -74,7 +79,10 @@ def serve_vllm(manifest: Path, tmp: Path, *, env: str | None = None, startup: fl
     environ = {**os.environ, "LIFTDEPLOY_API_TOKEN": TOKEN, "PYTHONUNBUFFERED": "1"}
     with open(log, "wb") as out:
         process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=environ, start_new_session=True)
-    served = Served(f"http://127.0.0.1:{port}", process, log, {"Authorization": f"Bearer {TOKEN}"})
+    from liftdeploy.manifest import load
+
+    labels = {ep.kind.value: ep.label for ep in load(manifest, env).manifest.endpoints}
+    served = Served(f"http://127.0.0.1:{port}", process, log, {"Authorization": f"Bearer {TOKEN}"}, labels)
     try:
         deadline = time.monotonic() + startup
         while True:
