@@ -414,7 +414,7 @@ class GenerateResponse(BaseModel):
     tokens_used: int = Field(description="Tokens generated, over every attempt.")
     attempts: int = Field(1, description="Generations run: more than one when a finished output broke the schema.")
     generation_time_ms: float
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "invalid"]
     model: str
 
 
@@ -464,6 +464,40 @@ def xgrammar_safe(schema: dict[str, Any]) -> dict[str, Any]:
     return each_subschema(schema, bounded_as_pattern)
 
 
+def closed_objects(schema: Any, closable: bool = True, defs_closable: bool | None = None) -> Any:
+    """`schema` with each `"type": "object"` that lists its properties closed (`additionalProperties:
+    false`), as XGrammar's strict mode closes them. Never an object that other parts add properties
+    to: an `allOf` part (or a definition, when the schema has an `allOf`), an `anyOf`/`oneOf` part of
+    an object with properties of its own, an object combined with others, nor one requiring a name
+    it does not list; nothing under `not` or `if`, whose meaning closing would invert."""
+    if not isinstance(schema, dict):
+        return schema
+    if defs_closable is None:  # the root: a definition may be one part of an `allOf` anywhere
+        defs_closable = '"allOf"' not in json.dumps(schema)
+    own = "properties" in schema or "patternProperties" in schema
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in SUBSCHEMA and isinstance(value, dict):
+            out[key] = closed_objects(value, key not in ("not", "if"), defs_closable)
+        elif key in SUBSCHEMAS and isinstance(value, list):
+            out[key] = [closed_objects(item, key != "allOf" and not own, defs_closable) for item in value]
+        elif key in SUBSCHEMA_MAPS and isinstance(value, dict):
+            part = defs_closable if key in ("$defs", "definitions") else key in ("properties", "patternProperties")
+            out[key] = {name: closed_objects(item, part, defs_closable) for name, item in value.items()}
+        else:
+            out[key] = value
+    listed = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+    combined = any(key in schema for key in ("allOf", "anyOf", "oneOf", "$ref", "if", "dependentSchemas",
+                                             "dependencies"))
+    unlisted = "patternProperties" not in schema and any(
+        isinstance(name, str) and name not in listed for name in schema.get("required", []))
+    kind = schema.get("type")
+    shape = "object" in (kind if isinstance(kind, list) else [kind])  # untyped: a fragment of a combination
+    if closable and own and shape and not combined and not unlisted and "additionalProperties" not in schema:
+        out["additionalProperties"] = False
+    return out
+
+
 def guidance_schema(schema: dict[str, Any], *, lenient: bool = False) -> dict[str, Any]:
     """`schema` for llguidance. Objects that list their properties are closed (no properties they
     do not declare), as XGrammar's strict mode closes them: the same output whichever backend runs.
@@ -484,11 +518,9 @@ def guidance_schema(schema: dict[str, Any], *, lenient: bool = False) -> dict[st
                 clauses.append({"anyOf": [{"properties": {name: False}}, then]})
         if clauses:
             node["allOf"] = [*node.get("allOf", []), *clauses]
-        if "additionalProperties" not in node and ("properties" in node or "patternProperties" in node):
-            node["additionalProperties"] = False
         return node
 
-    rewritten = each_subschema(schema, rewrite)
+    rewritten = closed_objects(each_subschema(schema, rewrite))
     if rewritten is False:
         raise ValueError("the schema admits no JSON value (`not: {}`)")
     return {**rewritten, "x-guidance": {"lenient": True, "coerce_one_of": True}} if lenient else rewritten
@@ -811,7 +843,9 @@ def generate_app(engine: Any, auth: str):
             tokens_used=tokens,
             attempts=attempt,
             generation_time_ms=round((time.perf_counter() - started) * 1000, 1),
-            finish_reason=result["finish_reason"],
+            # "invalid": the model finished every attempt, and the last one still breaks the schema
+            finish_reason="invalid" if why is not None and result["finish_reason"] == "stop"
+            else result["finish_reason"],
             model=getattr(engine, "name", MODEL_NAME),
         )
 

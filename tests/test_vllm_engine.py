@@ -125,7 +125,9 @@ def test_a_schema_only_xgrammar_accepts_is_still_served(server):
 
 
 def test_concurrent_requests_are_batched_by_the_engine(server):
-    schema = {"type": "object", "properties": {"story": {"type": "string"}}, "required": ["story"]}
+    # exactly 150 digits: at least 299 tokens each, so no request can end before the others start
+    schema = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "minItems": 150,
+              "maxItems": 150}
     peak = 0
     done = threading.Event()
 
@@ -137,7 +139,7 @@ def test_concurrent_requests_are_batched_by_the_engine(server):
 
     async def burst():
         async with httpx.AsyncClient(headers=server.headers, timeout=300) as client:
-            body = {"prompt": "Tell a story.", "schema": schema, "max_tokens": 400, "temperature": 1.0}
+            body = {"prompt": "Count.", "schema": schema, "max_tokens": 400, "temperature": 1.0}
             return await asyncio.gather(*(client.post(f"{server.route('generate')}/", json=body) for _ in range(8)))
 
     watcher = threading.Thread(target=watch)
