@@ -278,4 +278,4 @@ def test_output_numbers_out_of_range_are_not_presented_as_valid(stub_server, tex
         engine.text = '{"ok": true}'
     assert response.status_code == 200, response.text
     body = response.json()
-    assert (body["complete"], body["ir_json"], body["text"], body["finish_reason"]) == (False, None, text, "stop")
+    assert (body["complete"], body["ir_json"], body["text"], body["finish_reason"]) == (False, None, text, "invalid")
