@@ -1,20 +1,23 @@
 # Rendered by liftdeploy 0.1.0 from "deployments/qwen32b.toml"; edit the manifest, not this file.
-# manifest sha256: 07d523f3b002641c8a0719972f06b62b985f84f543a5c7be01f379c9bbee9770
+# manifest sha256: 6410eaf92058ff1ed5765af1ffa140558f40012c8475c0f114b603cc2c938763
 # re-render: liftdeploy render "deployments/qwen32b.toml"
-"""Schema-constrained JSON generation on Modal: vLLM serves the model, XGrammar
-constrains every token to the JSON schema sent with each request.
+"""Schema-constrained JSON generation on Modal: vLLM serves the model and its structured-output
+backend (guidance) constrains every token to the JSON schema sent with each request.
 
-Read it top to bottom in deploy order: image, weights, configuration, request
-validation, engine, HTTP endpoints, Modal functions.
+Read it top to bottom: first this deployment (model, images, weights, configuration and the Modal
+functions), then the vLLM engine, last the serving runtime every liftdeploy module shares (request
+validation, schemas, one small FastAPI app per endpoint).
 """
 
 # No `from __future__ import annotations`: FastAPI resolves a string annotation in the
-# module's globals, and `Request` is imported inside create_app (fastapi is not needed to
-# import this module), so `authorized(request: Request)` would become a required query field.
+# module's globals, and `Request` is imported inside the app builders (fastapi is not needed
+# to import this module), so `authorized(request: Request)` would become a required query field.
 import asyncio
+import collections
 import concurrent.futures
 import json
 import math
+import threading
 import time
 import uuid
 from typing import Any, Literal
@@ -30,6 +33,12 @@ APP_NAME = "lift-sys-inference"
 MODEL_NAME = "Qwen/Qwen2.5-Coder-32B-Instruct"
 MODEL_REVISION = "b47205940b83b5b484577359f71ee7b88472df67"  # avoid surprises when the repo updates
 VLLM_VERSION = "0.9.2"
+ENGINE_NAME = f"vLLM {VLLM_VERSION}"
+# Does the model think before it answers? A hybrid-thinking model (Qwen3) gets enable_thinking=THINKING
+# in its chat template; when it thinks, vLLM's REASONING_PARSER keeps the schema off the thinking.
+THINKING = False
+REASONING_PARSER = None
+
 # GPUs to try, in this order.
 GPU = ["A100-80GB", "H100"]
 
@@ -73,8 +82,29 @@ weights_volume = modal.Volume.from_name("lift-sys-models", create_if_missing=Tru
 VLLM_CACHE_DIR = "/root/.cache/vllm"
 vllm_cache_volume = modal.Volume.from_name("lift-sys-vllm-cache", create_if_missing=True)
 
-# ## Request limits
+# ## Serving configuration
 
+# vLLM "0.9.2" takes its structured-output request in the "guided_decoding" form.
+ENGINE_ARGS = {
+    "model": "Qwen/Qwen2.5-Coder-32B-Instruct",
+    "revision": "b47205940b83b5b484577359f71ee7b88472df67",
+    "dtype": "bfloat16",
+    "max_model_len": 8192,
+    "tensor_parallel_size": 1,
+    "gpu_memory_utilization": 0.9,
+    "trust_remote_code": False,
+    "max_num_seqs": 20,
+    "compilation_config": {"cudagraph_capture_sizes": [1, 2, 4, 8, 16, 20]},
+    "download_dir": "/models/hub",
+    "guided_decoding_backend": "guidance",
+    "guided_decoding_disable_any_whitespace": True,
+}
+# The structured-output backend the engine runs (one per engine: vLLM compiles every grammar with it).
+BACKEND = "guidance"
+COMPACT_JSON = True  # no free whitespace between JSON tokens (in ENGINE_ARGS too)
+CHAT_TEMPLATE_KWARGS = {"enable_thinking": THINKING}  # chat templates without the switch ignore it
+
+# Request limits
 DEFAULT_MAX_TOKENS = 2048
 MAX_TOKENS_LIMIT = 8192
 DEFAULT_TEMPERATURE = 0.3
@@ -84,17 +114,249 @@ MAX_SCHEMA_BYTES = 65536
 MAX_SCHEMA_DEPTH = 32
 MAX_BODY_BYTES = 1048576
 SCHEMA_COMPILE_TIMEOUT = 10.0  # seconds
-SCHEMA_COMPILERS = 4  # schemas compiled at once; one more is refused (503), not queued
-MAX_INPUTS = 20  # requests one container serves at once
-QUEUE = 0  # requests that may wait beyond MAX_INPUTS before a 503
+RETRIES_ON_INVALID = 2  # samples again when a finished output breaks its schema
+# Requests one container serves at once: Modal sends a container no more (@modal.concurrent) and
+# vLLM batches exactly that many (max_num_seqs). Past it, Modal queues requests for another container.
+MAX_INPUTS = 20
 
-# Each endpoint is its own URL: https://<workspace>--<label>.modal.run
+# Each endpoint is its own URL, claimed for the whole Modal environment:
+# https://<workspace>[-<web suffix>]--<label>.modal.run
 ENDPOINTS = [
-    {"kind": "health", "label": "health", "auth": "none"},
-    {"kind": "generate", "label": "generate", "auth": "proxy"},
-    {"kind": "warmup", "label": "warmup", "auth": "proxy"},
+    {"kind": "health", "label": "lift-sys-inference-health", "auth": "none"},
+    {"kind": "generate", "label": "lift-sys-inference-generate", "auth": "proxy"},
+    {"kind": "warmup", "label": "lift-sys-inference-warmup", "auth": "proxy"},
 ]
 
+
+# ## Modal functions
+# Every setting below is Modal's own, with Modal's meaning:
+# https://modal.com/docs/guide/scale, https://modal.com/docs/guide/concurrent-inputs
+
+app = modal.App(APP_NAME)
+
+
+@app.function(
+    image=web_image,
+    timeout=1 * MINUTES,  # no GPU: answers in milliseconds, even while the model is cold
+)
+@modal.concurrent(max_inputs=100)
+@modal.asgi_app(label="lift-sys-inference-health")
+def web_lift_sys_inference_health():
+    return create_app("health", auth="none")
+
+
+@app.cls(
+    image=vllm_image,
+    gpu=GPU,
+    volumes={MODELS_DIR: weights_volume, VLLM_CACHE_DIR: vllm_cache_volume},
+    timeout=10 * MINUTES,  # how long may one request take?
+    startup_timeout=15 * MINUTES,  # how long may loading the model take?
+    scaledown_window=5 * MINUTES,  # how long should we stay up with no requests?
+)
+@modal.concurrent(max_inputs=MAX_INPUTS)  # how many requests can one replica handle?
+class Inference:
+    @modal.enter()
+    def start_engine(self):
+        self.engine = VLLMEngine()
+        self.engine.start()
+
+    @modal.method()
+    def ping(self) -> dict[str, Any]:
+        """Called by `modal run`: reports the loaded model."""
+        return {"model": self.engine.name, "ready": self.engine.ready, "load_seconds": self.engine.load_seconds}
+
+    @modal.asgi_app(label="lift-sys-inference-generate", requires_proxy_auth=True)
+    def web_lift_sys_inference_generate(self):
+        return create_app("generate", self.engine, auth="proxy")
+
+    @modal.asgi_app(label="lift-sys-inference-warmup", requires_proxy_auth=True)
+    def web_lift_sys_inference_warmup(self):
+        return create_app("warmup", self.engine, auth="proxy")
+
+
+@app.local_entrypoint()
+def main():
+    """`modal run` this file: start a container, load the model and report."""
+    print(Inference().ping.remote())
+
+
+
+# ## The engine
+# vllm is imported only inside the container, so this module imports anywhere.
+
+
+def engine_args(**overrides: Any):
+    """vLLM's AsyncEngineArgs for this deployment (`overrides` replace ENGINE_ARGS entries)."""
+    from vllm import AsyncEngineArgs
+    from vllm.config import CompilationConfig
+
+    args = {**ENGINE_ARGS, **overrides}
+    # Some releases (0.9.x) cannot parse this config from a dict: pass the object.
+    args["compilation_config"] = CompilationConfig(**args["compilation_config"])
+    return AsyncEngineArgs(**args)
+
+
+def sampling_params(schema: dict[str, Any] | None, *, max_tokens: int, temperature: float, top_p: float):
+    """vLLM's SamplingParams for one request, constrained to `schema` when given."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import GuidedDecodingParams
+
+    guided = GuidedDecodingParams(json=schema) if schema is not None else None
+    return SamplingParams(
+        max_tokens=max_tokens, temperature=temperature, top_p=top_p, guided_decoding=guided
+    )
+
+
+class VLLMEngine:
+    """vLLM's async engine: concurrent requests are batched on the GPU, not serialized."""
+
+    is_smoke = False
+
+    def __init__(self, **overrides: Any) -> None:
+        self.overrides = overrides  # `liftdeploy serve --local --engine vllm` runs a local model
+        self.name = overrides.get("model", MODEL_NAME)
+        self.ready = False
+        self.dead = False
+        self.load_seconds: float | None = None
+        self.schemas = SchemaGate(self.prepare)
+
+    def start(self) -> None:
+        from transformers import AutoTokenizer
+        from vllm import AsyncLLMEngine
+
+        started = time.monotonic()
+        args = engine_args(**self.overrides)
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            args.model, revision=args.revision, trust_remote_code=args.trust_remote_code
+        )
+        self.engine = AsyncLLMEngine.from_engine_args(args)
+        self._backend = None  # vLLM's own grammar backend, built at the first schema
+        self.load_seconds = time.monotonic() - started
+        self.ready = True
+
+    def stop(self) -> None:
+        self.ready = False
+        self.engine.shutdown()
+
+    def _grammar_backend(self):
+        """The structured-output backend class vLLM's engine core compiles every grammar with."""
+        if self._backend is None:
+            if BACKEND == "guidance":
+                from vllm.v1.structured_output.backend_guidance import GuidanceBackend as Backend
+            else:
+                from vllm.v1.structured_output.backend_xgrammar import XgrammarBackend as Backend
+            config = self.engine.vllm_config
+            self._backend = Backend(config, tokenizer=self.tokenizer, vocab_size=config.model_config.get_vocab_size())
+        return self._backend
+
+    def prepare(self, schema: dict[str, Any]) -> dict[str, Any]:
+        """The schema to constrain with, checked by vLLM's own validators and compiled by the
+        engine's backend; ValueError with vLLM's reason when the engine cannot take it.
+
+        One backend serves every request, so the pre-check decides what it is given: a schema that
+        only XGrammar's validator accepts is served by llguidance leniently (`guidance_schema`);
+        with XGrammar, bounded strings are rewritten (`xgrammar_safe`)."""
+        import jsonschema
+        from vllm.v1.structured_output.backend_guidance import validate_guidance_grammar
+        from vllm.v1.structured_output.backend_types import StructuredOutputOptions
+        from vllm.v1.structured_output.backend_xgrammar import validate_xgrammar_grammar
+
+        try:
+            jsonschema.validators.validator_for(schema).check_schema(schema)
+        except jsonschema.SchemaError as exc:
+            raise ValueError(f"invalid JSON Schema: {exc.message}") from None
+        except RecursionError:
+            raise ValueError("the schema nests too deeply to be checked") from None
+        backend = self._grammar_backend()
+
+        def refused(check, constrained: dict[str, Any], **kwargs: Any) -> str | None:
+            try:
+                check(sampling_params(constrained, max_tokens=1, temperature=1.0, top_p=1.0), **kwargs)
+            except Exception as exc:  # ValueError, or VLLMValidationError in newer releases
+                return str(exc).splitlines()[0][:500] if str(exc) else type(exc).__name__
+            return None
+
+        if BACKEND == "guidance":
+            constrained = guidance_schema(schema)
+            why = refused(validate_guidance_grammar, constrained, tokenizer=backend.ll_tokenizer)
+            if why is not None and refused(validate_xgrammar_grammar, schema) is None:
+                constrained = guidance_schema(schema, lenient=True)
+                why = refused(validate_guidance_grammar, constrained, tokenizer=backend.ll_tokenizer)
+        else:
+            constrained = xgrammar_safe(schema)
+            why = refused(validate_xgrammar_grammar, constrained)
+        if why is not None:
+            raise ValueError(why)
+        try:
+            grammar = backend.compile_grammar(StructuredOutputOptions.JSON, json.dumps(constrained))
+        except Exception as exc:
+            raise ValueError(f"{BACKEND} cannot compile the schema: {str(exc).splitlines()[0][:400]}") from None
+        first = backend.allocate_token_bitmask(1)  # the engine's first step: which tokens may start
+        grammar.fill_bitmask(first, 0)
+        matcher = getattr(grammar, "ll_matcher", None)  # llguidance reports errors instead of raising
+        error = matcher.get_error() if matcher is not None else ""
+        if error or not first.any():
+            why = f" ({error.splitlines()[0][:200]})" if error else ""
+            raise ValueError(f"the schema admits no JSON value{why}")
+        return constrained
+
+    def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, **CHAT_TEMPLATE_KWARGS
+        )
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    async def generate(self, messages: list[dict[str, str]], schema: dict[str, Any] | None, *,
+                       max_tokens: int, temperature: float, top_p: float) -> dict[str, Any]:
+        """One generation; cancelling the caller aborts it in the engine. ValueError when vLLM
+        refuses the request, Busy when the engine has died (the container should be replaced)."""
+        ids = self.prompt_ids(messages)
+        params = sampling_params(schema, max_tokens=max_tokens, temperature=temperature, top_p=top_p)
+        final = None
+        try:
+            async for output in self.engine.generate({"prompt_token_ids": ids}, params, uuid.uuid4().hex):
+                final = output
+        except ValueError:
+            raise
+        except Exception as exc:
+            if type(exc).__name__ == "EngineDeadError" or self.engine.errored:
+                await asyncio.to_thread(self._died)
+                raise Busy("the engine has stopped") from None
+            if any(cls.__name__ == "VLLMClientError" for cls in type(exc).__mro__):
+                raise ValueError(str(exc).splitlines()[0][:500]) from None
+            raise
+        completion = final.outputs[0]
+        if completion.finish_reason == "error":  # vLLM's grammar rejected a token its own mask allowed
+            raise ValueError("the grammar rejected a token its own mask allowed: the schema cannot be followed")
+        if completion.finish_reason not in ("stop", "length"):  # "abort": vLLM ended it, not the model
+            raise Busy(f"generation ended with {completion.finish_reason!r}")
+        return {
+            "text": completion.text,
+            "prompt_tokens": len(final.prompt_token_ids or []),
+            "completion_tokens": len(completion.token_ids),
+            "finish_reason": completion.finish_reason,
+        }
+
+    def _died(self) -> None:
+        """The engine process is gone: answer 503s, and on Modal let this container be replaced."""
+        if self.dead:
+            return
+        self.dead, self.ready = True, False
+        if not modal.is_local():
+            try:
+                modal.experimental.stop_fetching_inputs()  # Modal starts a fresh container
+            except Exception as exc:
+                print(f"could not stop fetching inputs: {exc!r}")
+
+    def running(self) -> int:
+        """Requests in the engine right now."""
+        return self.engine.get_num_unfinished_requests() if self.ready else 0
+
+
+# ----------------------------------------------------------------------------------------------
+# The serving runtime: the same in every module liftdeploy renders, below this line; it calls the
+# engine above through start / prepare / generate / running.
+# ----------------------------------------------------------------------------------------------
 
 # ## Request validation
 # Missing or mistyped fields are answered with 422 naming each field, never a 500.
@@ -144,104 +406,288 @@ class GenerateRequest(BaseModel):
 
 
 class GenerateResponse(BaseModel):
-    ir_json: Any = Field(description="The parsed JSON; null when the output is incomplete.")
-    complete: bool = Field(description="False when max_tokens cut the output: the JSON is incomplete "
-                                       "(or, rarely, holds a number out of range: see text).")
+    ir_json: Any = Field(description="The parsed JSON; null unless the output is complete.")
+    complete: bool = Field(description="True only when the output finished and is valid against the schema.")
+    incomplete_reason: str | None = Field(None, description="Why `complete` is false: cut by max_tokens, "
+                                                            "not JSON, or where it breaks the schema.")
     text: str
-    tokens_used: int
+    tokens_used: int = Field(description="Tokens generated, over every attempt.")
+    attempts: int = Field(1, description="Generations run: more than one when a finished output broke the schema.")
     generation_time_ms: float
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "invalid"]
     model: str
 
 
-# ## The engine
-# vLLM "0.9.2" takes its structured-output request in the "guided_decoding" form.
-# vllm is imported only inside the container, so this module imports anywhere.
-
-ENGINE_ARGS = {
-    "model": "Qwen/Qwen2.5-Coder-32B-Instruct",
-    "revision": "b47205940b83b5b484577359f71ee7b88472df67",
-    "dtype": "bfloat16",
-    "max_model_len": 8192,
-    "tensor_parallel_size": 1,
-    "gpu_memory_utilization": 0.9,
-    "trust_remote_code": False,
-    "download_dir": "/models/hub",
-    "guided_decoding_backend": "xgrammar",
-}
+# ## Schemas: what the engine is given, and what counts as complete
 
 
-def engine_args():
-    """vLLM's AsyncEngineArgs for this deployment."""
-    from vllm import AsyncEngineArgs
-
-    return AsyncEngineArgs(**ENGINE_ARGS)
-
-
-def sampling_params(schema: dict[str, Any] | None, *, max_tokens: int, temperature: float, top_p: float):
-    """vLLM's SamplingParams for one request, constrained to `schema` when given."""
-    from vllm import SamplingParams
-    from vllm.sampling_params import GuidedDecodingParams
-
-    guided = GuidedDecodingParams(json=schema) if schema is not None else None
-    return SamplingParams(
-        max_tokens=max_tokens, temperature=temperature, top_p=top_p, guided_decoding=guided
-    )
+SUBSCHEMA = ("items", "additionalItems", "additionalProperties", "unevaluatedItems", "unevaluatedProperties",
+             "not", "if", "then", "else", "contains", "propertyNames")
+SUBSCHEMAS = ("allOf", "anyOf", "oneOf", "prefixItems", "items")
+SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas", "dependencies")
 
 
-class VLLMEngine:
-    """vLLM's async engine: concurrent requests are batched on the GPU, not serialized."""
+def each_subschema(schema: Any, rewrite: Any) -> Any:
+    """`schema` with `rewrite` applied to every subschema, innermost first. Values (`enum`,
+    `const`, `default`, `examples`) are never touched."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key, value in schema.items():
+        if key in SUBSCHEMA and isinstance(value, dict):
+            out[key] = each_subschema(value, rewrite)
+        elif key in SUBSCHEMAS and isinstance(value, list):
+            out[key] = [each_subschema(item, rewrite) for item in value]
+        elif key in SUBSCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {name: each_subschema(item, rewrite) for name, item in value.items()}
+    return rewrite(out)
 
-    name = MODEL_NAME
-    is_smoke = False
 
-    def __init__(self) -> None:
-        self.ready = False
-        self.load_seconds: float | None = None
-        self._grammars: dict[str, Any] = {}
+def xgrammar_safe(schema: dict[str, Any]) -> dict[str, Any]:
+    """`schema` with each length-bounded string rewritten as an equivalent `pattern`, for XGrammar.
 
-    def start(self) -> None:
-        from transformers import AutoTokenizer
-        from vllm import AsyncLLMEngine
+    XGrammar (every release checked, 0.1.19 to 0.2.9) compiles `minLength`/`maxLength` strings to
+    `[^"\\\r\n]{m,n}`, which lets raw control characters through: invalid JSON
+    (https://github.com/mlc-ai/xgrammar/issues/800). The pattern admits the same lengths without
+    them; like XGrammar's own rule, it has no escapes. Strings with a `pattern` or `format` are left
+    alone: vLLM refuses those together with length bounds anyway.
+    """
 
-        started = time.monotonic()
-        self.tokenizer = AutoTokenizer.from_pretrained(
-            MODEL_NAME, revision=MODEL_REVISION, trust_remote_code=ENGINE_ARGS["trust_remote_code"]
-        )
-        self.engine = AsyncLLMEngine.from_engine_args(engine_args())
-        self.load_seconds = time.monotonic() - started
-        self.ready = True
+    def bounded_as_pattern(node: dict[str, Any]) -> dict[str, Any]:
+        if node.get("type") not in ("string", ["string"]) or "pattern" in node or "format" in node:
+            return node
+        if "minLength" not in node and "maxLength" not in node:
+            return node
+        low, high = node.pop("minLength", 0), node.pop("maxLength", "")
+        return {**node, "pattern": '^[^\\u0000-\\u001f"\\\\]{' + f"{low},{high}" + "}$"}
 
-    def check_schema(self, schema: dict[str, Any]) -> None:
-        """Raise ValueError when XGrammar cannot compile `schema` (checked before the GPU sees it)."""
-        import xgrammar
+    return each_subschema(schema, bounded_as_pattern)
 
-        key = json.dumps(schema, sort_keys=True)
-        if key not in self._grammars:
+
+def closed_objects(schema: Any, closable: bool = True, defs_closable: bool | None = None) -> Any:
+    """`schema` with each `"type": "object"` that lists its properties closed (`additionalProperties:
+    false`), as XGrammar's strict mode closes them. Never an object that other parts add properties
+    to: an `allOf` part (or a definition, when the schema has an `allOf`), an `anyOf`/`oneOf` part of
+    an object with properties of its own, an object combined with others, nor one requiring a name
+    it does not list; nothing under `not` or `if`, whose meaning closing would invert."""
+    if not isinstance(schema, dict):
+        return schema
+    if defs_closable is None:  # the root: a definition may be one part of an `allOf` anywhere
+        defs_closable = '"allOf"' not in json.dumps(schema)
+    own = "properties" in schema or "patternProperties" in schema
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in SUBSCHEMA and isinstance(value, dict):
+            out[key] = closed_objects(value, key not in ("not", "if"), defs_closable)
+        elif key in SUBSCHEMAS and isinstance(value, list):
+            out[key] = [closed_objects(item, key != "allOf" and not own, defs_closable) for item in value]
+        elif key in SUBSCHEMA_MAPS and isinstance(value, dict):
+            part = defs_closable if key in ("$defs", "definitions") else key in ("properties", "patternProperties")
+            out[key] = {name: closed_objects(item, part, defs_closable) for name, item in value.items()}
+        else:
+            out[key] = value
+    listed = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+    combined = any(key in schema for key in ("allOf", "anyOf", "oneOf", "$ref", "if", "dependentSchemas",
+                                             "dependencies"))
+    unlisted = "patternProperties" not in schema and any(
+        isinstance(name, str) and name not in listed for name in schema.get("required", []))
+    kind = schema.get("type")
+    shape = "object" in (kind if isinstance(kind, list) else [kind])  # untyped: a fragment of a combination
+    if closable and own and shape and not combined and not unlisted and "additionalProperties" not in schema:
+        out["additionalProperties"] = False
+    return out
+
+
+def guidance_schema(schema: dict[str, Any], *, lenient: bool = False) -> dict[str, Any]:
+    """`schema` for llguidance. Objects that list their properties are closed (no properties they
+    do not declare), as XGrammar's strict mode closes them: the same output whichever backend runs.
+
+    `lenient` is for a schema only vLLM's XGrammar validator takes as it is: property dependencies
+    become the `anyOf` they mean, `{"not": {}}` becomes `false`, and llguidance then ignores what it
+    still cannot enforce (as XGrammar would) and reads `oneOf` as `anyOf`. Every finished output is
+    validated against the schema itself (`schema_problem`), and sampled again if it breaks it."""
+
+    def rewrite(node: dict[str, Any]) -> Any:
+        if lenient and node.get("not") == {}:
+            return False  # nothing matches it
+        clauses = []
+        for key in ("dependencies", "dependentRequired", "dependentSchemas") if lenient else ():
+            for name, needs in (node.pop(key) if isinstance(node.get(key), dict) else {}).items():
+                required = {"required": [name, *needs]} if isinstance(needs, list) else None
+                then = required or {"allOf": [{"required": [name]}, needs]}
+                clauses.append({"anyOf": [{"properties": {name: False}}, then]})
+        if clauses:
+            node["allOf"] = [*node.get("allOf", []), *clauses]
+        return node
+
+    rewritten = closed_objects(each_subschema(schema, rewrite))
+    if rewritten is False:
+        raise ValueError("the schema admits no JSON value (`not: {}`)")
+    return {**rewritten, "x-guidance": {"lenient": True, "coerce_one_of": True}} if lenient else rewritten
+
+
+CHARS_PER_TOKEN = 64  # more than the longest token of any real vocabulary
+
+
+def within_budget(schema: dict[str, Any]) -> dict[str, Any]:
+    """`schema` as the engine is given it: a size no output of MAX_TOKENS_LIMIT tokens can reach is
+    refused when it is a minimum (ValueError) and capped when it is a maximum. Neither changes what
+    an output can be, and a backend would otherwise build it out: llguidance runs out of memory on
+    `minItems: 1e9`, taking the container down with it."""
+    limits = {"Items": MAX_TOKENS_LIMIT, "Properties": MAX_TOKENS_LIMIT, "Contains": MAX_TOKENS_LIMIT,
+              "Length": MAX_TOKENS_LIMIT * CHARS_PER_TOKEN}
+
+    def fit(node: dict[str, Any]) -> dict[str, Any]:
+        for noun, limit in limits.items():
+            low, high = node.get("min" + noun), node.get("max" + noun)
+            if isinstance(low, (int, float)) and not isinstance(low, bool) and low > limit:
+                raise ValueError(f"min{noun} {low} cannot be reached within {MAX_TOKENS_LIMIT} tokens "
+                                 "(decoding.max_tokens_limit)")
+            if isinstance(high, (int, float)) and not isinstance(high, bool) and high > limit:
+                node["max" + noun] = limit
+        return node
+
+    return each_subschema(schema, fit)
+
+
+def schema_problem(output: Any, schema: dict[str, Any]) -> str | None:
+    """Where `output` breaks `schema` (jsonschema), or None when it is valid."""
+    import jsonschema
+
+    validator = jsonschema.validators.validator_for(schema)
+    errors = validator(schema, format_checker=validator.FORMAT_CHECKER).iter_errors(output)
+    error = jsonschema.exceptions.best_match(errors)
+    if error is None:
+        return None
+    return f"does not match the schema at {error.json_path}: {error.message[:300]}"
+
+
+class SchemaGate:
+    """The pre-check before the engine: each schema is compiled once, exactly as the engine will
+    (same backend, same tokenizer), on threads of its own, in a bounded time; results are kept in a
+    bounded LRU, and requests for a schema already compiling wait for that compile. A compile that
+    overruns cannot be stopped (it is C++): its requests are answered at the timeout while it keeps
+    its thread until it ends; a request that finds every thread taken for as long as a compile may
+    take is refused (503), so no request waits long behind another's schema."""
+
+    THREADS = 4
+    CACHED = 256
+
+    def __init__(self, prepare: Any) -> None:
+        self._prepare = prepare  # schema -> what the engine constrains to; raises ValueError
+        self._threads = concurrent.futures.ThreadPoolExecutor(self.THREADS, thread_name_prefix="schema-compile")
+        self._slots: asyncio.Semaphore | None = None  # one per thread, held until its compile ends
+        self._compiling: dict[str, concurrent.futures.Future] = {}
+        self._cache: collections.OrderedDict[str, Any] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def _prepared(self, key: str, schema: dict[str, Any]) -> Any:
+        try:
             try:
-                self._grammars[key] = xgrammar.Grammar.from_json_schema(key)
-            except Exception as exc:  # xgrammar raises RuntimeError / ValueError with the reason
-                raise ValueError(str(exc).splitlines()[0][:500]) from None
+                prepared = self._prepare(within_budget(schema))
+            except ValueError as exc:  # a refusal is remembered too: the same schema is refused again
+                prepared = exc
+            with self._lock:
+                self._cache[key] = prepared
+                while len(self._cache) > self.CACHED:
+                    self._cache.popitem(last=False)
+        finally:
+            with self._lock:
+                del self._compiling[key]
+        if isinstance(prepared, ValueError):
+            raise prepared
+        return prepared
 
-    async def generate(self, messages: list[dict[str, str]], schema: dict[str, Any] | None, *,
-                       max_tokens: int, temperature: float, top_p: float) -> dict[str, Any]:
-        prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        params = sampling_params(schema, max_tokens=max_tokens, temperature=temperature, top_p=top_p)
-        final = None
-        async for output in self.engine.generate(prompt, params, uuid.uuid4().hex):
-            final = output
-        completion = final.outputs[0]
-        return {
-            "text": completion.text,
-            "prompt_tokens": len(final.prompt_token_ids or []),
-            "completion_tokens": len(completion.token_ids),
-            "finish_reason": "length" if completion.finish_reason == "length" else "stop",
-        }
+    def _cached(self, key: str) -> Any:
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+            return self._compiling.get(key)
+
+    async def prepare(self, schema: dict[str, Any]) -> Any:
+        """What the engine constrains to; ValueError when it cannot (a 400), Busy when full (a 503)."""
+        key = json.dumps(schema, sort_keys=True)
+        found = self._cached(key)
+        if isinstance(found, ValueError):
+            raise found
+        if found is not None and not isinstance(found, concurrent.futures.Future):
+            return found
+        job = found
+        if job is None:
+            if self._slots is None:
+                self._slots = asyncio.Semaphore(self.THREADS)
+            try:
+                await asyncio.wait_for(self._slots.acquire(), SCHEMA_COMPILE_TIMEOUT)
+            except asyncio.TimeoutError:
+                raise Busy(f"{self.THREADS} schemas are compiling") from None
+            loop = asyncio.get_running_loop()
+            with self._lock:
+                job = self._compiling.get(key)
+                if job is None:
+                    job = self._compiling[key] = self._threads.submit(self._prepared, key, schema)
+                    job.add_done_callback(lambda _: loop.call_soon_threadsafe(self._slots.release))
+                else:
+                    self._slots.release()
+        try:
+            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(job)), SCHEMA_COMPILE_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise SchemaTimeout(f"schema did not compile within {SCHEMA_COMPILE_TIMEOUT} s") from None
+
+
+class SchemaTimeout(ValueError):
+    """A schema whose compile overran SCHEMA_COMPILE_TIMEOUT (a 400)."""
+
+
+class Busy(Exception):
+    """The container cannot take this request now; the client may retry (503)."""
 
 
 # ## HTTP endpoints
 # One FastAPI app per endpoint. Modal serves each at its own URL; `liftdeploy serve --local`
-# serves these same apps on a CPU engine, under /<label>.
+# serves these same apps on a local engine, under /<label>.
+
+
+class Limiter:
+    """Requests in this container, across every endpoint: at most MAX_INPUTS run at once, the
+    rest wait their turn. Modal caps a container at the same max_inputs, so on Modal no request
+    ever waits here; locally it stands in for Modal's cap."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.active = 0
+        self._slots: asyncio.Semaphore | None = None
+
+    async def __aenter__(self) -> None:
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.limit)
+        await self._slots.acquire()
+        self.active += 1
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.active -= 1
+        self._slots.release()
+
+
+LIMITER = Limiter(MAX_INPUTS)
+
+
+async def until_disconnected(request: Any, work: Any) -> Any:
+    """Await `work`, cancelling it when the client goes away: the engine then aborts the request."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                task.cancel()
+                return
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        return await task
+    finally:
+        watcher.cancel()
 
 
 def schema_prompt(prompt: str, schema: dict[str, Any]) -> list[dict[str, str]]:
@@ -250,21 +696,17 @@ def schema_prompt(prompt: str, schema: dict[str, Any]) -> list[dict[str, str]]:
     return [{"role": "system", "content": instruction}, {"role": "user", "content": prompt}]
 
 
-def create_app(kind: str, engine: Any = None, auth: str = "none"):
-    """The FastAPI app for one endpoint `kind`, answering from `engine`."""
-    from fastapi import Depends, FastAPI, HTTPException, Request
+def base_app(kind: str, auth: str):
+    """A FastAPI app with what every endpoint shares: body limit, 422s that never fail, auth."""
+    from fastapi import Depends, FastAPI, Request
     from fastapi.encoders import jsonable_encoder
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
 
-    api = FastAPI(title=f"{APP_NAME} {kind}", docs_url=None, redoc_url=None)
-    in_flight = 0
-    # Schemas compile on threads of their own. A compile that overruns SCHEMA_COMPILE_TIMEOUT cannot
-    # be stopped (it is C++): its request is answered, the compile keeps its thread until it ends.
-    # While every compiler is busy a new schema is refused at once (503), so no request waits behind
-    # another's schema, and generation, on the default executor, never does.
-    compilers = concurrent.futures.ThreadPoolExecutor(SCHEMA_COMPILERS, thread_name_prefix="schema-compile")
-    compiling: set[concurrent.futures.Future] = set()  # running, whether or not their request timed out
+    async def authorized(request: Request) -> None:
+        return  # proxy auth is enforced by Modal in front of the app
+
+    api = FastAPI(title=f"{APP_NAME} {kind}", docs_url=None, redoc_url=None, dependencies=[Depends(authorized)])
 
     @api.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -282,6 +724,10 @@ def create_app(kind: str, engine: Any = None, auth: str = "none"):
             errors = [{k: v for k, v in error.items() if k != "input"} for error in exc.errors()]
             return JSONResponse({"detail": jsonable_encoder(errors, custom_encoder=encoders)}, status_code=422)
 
+    @api.exception_handler(Busy)
+    async def busy(request: Request, exc: Busy) -> JSONResponse:
+        return JSONResponse({"detail": f"{exc}; retry shortly"}, status_code=503, headers={"Retry-After": "5"})
+
     @api.middleware("http")
     async def limit_body(request: Request, call_next):
         declared = request.headers.get("content-length")
@@ -289,143 +735,131 @@ def create_app(kind: str, engine: Any = None, auth: str = "none"):
             return JSONResponse({"detail": f"request body is larger than {MAX_BODY_BYTES} bytes"}, status_code=413)
         return await call_next(request)
 
-    def unavailable(reason: str) -> HTTPException:
-        return HTTPException(503, detail=f"{reason}; retry shortly", headers={"Retry-After": "5"})
+    return api
 
-    async def authorized(request: Request) -> None:
-        return  # proxy auth is enforced by Modal in front of the app
 
-    async def constrained(messages: list[dict[str, str]], schema: dict[str, Any] | None, *,
-                          max_tokens: int, temperature: float, top_p: float) -> dict[str, Any]:
-        nonlocal in_flight
-        if in_flight >= MAX_INPUTS + QUEUE:
-            raise unavailable(f"{in_flight} requests in flight")
+async def constrained(engine: Any, messages: list[dict[str, str]], schema: dict[str, Any] | None, **sampling: Any):
+    """Run one generation on `engine` in this container's turn: 400 for what the engine refuses,
+    503 while it cannot serve."""
+    from fastapi import HTTPException
+
+    async with LIMITER:
         if engine is None or not engine.ready:
-            raise unavailable("the model is still loading")
-        if schema is not None:
-            if len(compiling) >= SCHEMA_COMPILERS:
-                raise unavailable(f"{len(compiling)} schemas are compiling")
-            job = compilers.submit(engine.check_schema, schema)
-            compiling.add(job)
-            job.add_done_callback(compiling.discard)
-            try:
-                await asyncio.wait_for(asyncio.wrap_future(job), SCHEMA_COMPILE_TIMEOUT)
-            except ValueError as exc:
-                raise HTTPException(400, detail=f"schema cannot be used for constrained decoding: {exc}") from None
-            except asyncio.TimeoutError:
-                raise HTTPException(400, detail=f"schema did not compile within {SCHEMA_COMPILE_TIMEOUT} s") from None
-        in_flight += 1
+            raise Busy("the engine has stopped" if getattr(engine, "dead", False) else "the model is still loading")
         try:
-            return await engine.generate(messages, schema, max_tokens=max_tokens, temperature=temperature, top_p=top_p)
+            prepared = await engine.schemas.prepare(schema) if schema is not None else None
+        except SchemaTimeout as exc:
+            raise HTTPException(400, detail=str(exc)) from None
+        except ValueError as exc:
+            raise HTTPException(400, detail=f"schema cannot be used for constrained decoding: {exc}") from None
+        try:
+            return await engine.generate(messages, prepared, **sampling)
         except ValueError as exc:  # the engine refused this request, e.g. a prompt longer than the context
             raise HTTPException(400, detail=f"request refused by the engine: {exc}") from None
+        except (Busy, asyncio.CancelledError):
+            raise
         except Exception as exc:  # the engine failed: the client may retry, it did nothing wrong
-            raise unavailable(f"engine error: {type(exc).__name__}") from None
-        finally:
-            in_flight -= 1
+            raise Busy(f"engine error: {type(exc).__name__}") from None
 
-    if kind == "health":
 
-        @api.get("/", dependencies=[Depends(authorized)])
-        async def health() -> dict[str, Any]:
-            return {
-                "status": "healthy",
-                "model": MODEL_NAME,
-                "gpu": GPU,
-                "backend": f"vLLM {VLLM_VERSION} with XGrammar",
-                "smoke_model": bool(getattr(engine, "is_smoke", False)),
-            }
+def health_app(engine: Any, auth: str):
+    api = base_app("health", auth)
 
-    if kind == "warmup":
-
-        @api.get("/", dependencies=[Depends(authorized)])
-        async def warmup() -> dict[str, Any]:
-            # Reaching this handler means the container started and `start_engine` loaded the model.
-            return {
-                "status": "warm" if engine is not None and engine.ready else "loading",
-                "model_loaded": bool(engine is not None and engine.ready),
-                "model": getattr(engine, "name", MODEL_NAME),
-                "load_seconds": getattr(engine, "load_seconds", None),
-                "smoke_model": bool(getattr(engine, "is_smoke", False)),
-            }
-
-    if kind == "generate":
-
-        @api.post("/", response_model=GenerateResponse, dependencies=[Depends(authorized)])
-        async def generate(request: GenerateRequest) -> GenerateResponse:
-            started = time.perf_counter()
-            result = await constrained(
-                schema_prompt(request.prompt, request.json_schema),
-                request.json_schema,
-                max_tokens=request.max_tokens,
-                temperature=request.temperature,
-                top_p=request.top_p,
-            )
-            complete = result["finish_reason"] == "stop"
-            parsed = None
-            if complete:
-                try:
-                    parsed = json.loads(result["text"], parse_float=_finite_float)
-                except ValueError:  # not JSON, or a number Python cannot hold (1e999, 5000 digits)
-                    complete = False
-            return GenerateResponse(
-                ir_json=parsed,
-                complete=complete,
-                text=result["text"],
-                tokens_used=result["completion_tokens"],
-                generation_time_ms=round((time.perf_counter() - started) * 1000, 1),
-                finish_reason=result["finish_reason"],
-                model=getattr(engine, "name", MODEL_NAME),
-            )
+    @api.get("/")
+    async def health() -> dict[str, Any]:
+        return {
+            "status": "healthy",
+            "model": MODEL_NAME,
+            "gpu": GPU,
+            "backend": f"{ENGINE_NAME} with {BACKEND}",
+            "smoke_model": bool(getattr(engine, "is_smoke", False)),
+        }
 
     return api
 
 
-# ## Modal functions
+def warmup_app(engine: Any, auth: str):
+    api = base_app("warmup", auth)
 
-app = modal.App(APP_NAME)
+    @api.get("/")
+    async def warmup() -> dict[str, Any]:
+        # Reaching this handler means the container started and `start_engine` loaded the model.
+        ready = bool(engine is not None and engine.ready)
+        return {
+            "status": "warm" if ready else ("failed" if getattr(engine, "dead", False) else "loading"),
+            "model_loaded": ready,
+            "model": getattr(engine, "name", MODEL_NAME),
+            "load_seconds": getattr(engine, "load_seconds", None),
+            "smoke_model": bool(getattr(engine, "is_smoke", False)),
+            "requests_running": engine.running() if ready else 0,
+        }
 
-
-@app.function(
-    image=web_image,
-    timeout=1 * MINUTES,  # no GPU: answers in milliseconds, even while the model is cold
-)
-@modal.concurrent(max_inputs=100)
-@modal.asgi_app(label="health")
-def web_health():
-    return create_app("health", auth="none")
-
-
-@app.cls(
-    image=vllm_image,
-    gpu=GPU,
-    volumes={MODELS_DIR: weights_volume, VLLM_CACHE_DIR: vllm_cache_volume},
-    timeout=10 * MINUTES,  # how long may one request take?
-    startup_timeout=15 * MINUTES,  # how long may loading the model take?
-    scaledown_window=5 * MINUTES,  # how long should we stay up with no requests?
-)
-@modal.concurrent(max_inputs=MAX_INPUTS)  # how many requests can one replica handle?
-class Inference:
-    @modal.enter()
-    def start_engine(self):
-        self.engine = VLLMEngine()
-        self.engine.start()
-
-    @modal.method()
-    def ping(self) -> dict[str, Any]:
-        """Called by the keep-warm schedule and `modal run`: reports the loaded model."""
-        return {"model": self.engine.name, "ready": self.engine.ready, "load_seconds": self.engine.load_seconds}
-
-    @modal.asgi_app(label="generate", requires_proxy_auth=True)
-    def web_generate(self):
-        return create_app("generate", self.engine, auth="proxy")
-
-    @modal.asgi_app(label="warmup", requires_proxy_auth=True)
-    def web_warmup(self):
-        return create_app("warmup", self.engine, auth="proxy")
+    return api
 
 
-@app.local_entrypoint()
-def main():
-    """`modal run` this file: start a container, load the model and report."""
-    print(Inference().ping.remote())
+def verdict(result: dict[str, Any], schema: dict[str, Any], max_tokens: int) -> tuple[Any, str | None]:
+    """(the parsed output, None) when it is complete; (None or the value, why not) otherwise."""
+    from fastapi import HTTPException
+
+    if result["finish_reason"] == "length":
+        return None, f"cut by max_tokens ({max_tokens}) before the JSON was finished"
+    try:
+        parsed = json.loads(result["text"], parse_float=_finite_float)
+    except json.JSONDecodeError:  # the grammar let the model stop mid-document: a dead end of the schema
+        raise HTTPException(400, detail="schema cannot be used for constrained decoding: it admits no complete "
+                                        f"JSON value after {result['text'][-80:]!r}") from None
+    except ValueError as exc:  # valid JSON, but a number Python cannot hold (1e999, 5000 digits)
+        return None, f"not a JSON value this API can return: {str(exc)[:200]}"
+    return parsed, schema_problem(parsed, schema)
+
+
+def generate_app(engine: Any, auth: str):
+    from fastapi import Request
+
+    api = base_app("generate", auth)
+
+    @api.post("/", response_model=GenerateResponse)
+    async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
+        started = time.perf_counter()
+        schema, tokens, attempt = body.json_schema, 0, 0
+        while True:
+            attempt += 1
+            result = await until_disconnected(request, constrained(
+                engine, schema_prompt(body.prompt, schema), schema,
+                max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
+            ))
+            tokens += result["completion_tokens"]
+            parsed, why = verdict(result, schema, body.max_tokens)
+            # done when valid, or out of retries; or when another sample would be cut the same way,
+            # or be the same greedy output
+            if why is None or attempt > RETRIES_ON_INVALID or result["finish_reason"] == "length" \
+                    or body.temperature < 1e-5:
+                break
+        return GenerateResponse(
+            ir_json=parsed if why is None else None,
+            complete=why is None,
+            incomplete_reason=why if attempt == 1 or why is None else f"{why} (after {attempt} attempts)",
+            text=result["text"],
+            tokens_used=tokens,
+            attempts=attempt,
+            generation_time_ms=round((time.perf_counter() - started) * 1000, 1),
+            # "invalid": the model finished every attempt, and the last one still breaks the schema
+            finish_reason="invalid" if why is not None and result["finish_reason"] == "stop"
+            else result["finish_reason"],
+            model=getattr(engine, "name", MODEL_NAME),
+        )
+
+    return api
+
+
+
+APPS = {
+    "generate": generate_app,
+    "health": health_app,
+    "warmup": warmup_app,
+}
+
+
+def create_app(kind: str, engine: Any = None, auth: str = "none"):
+    """The FastAPI app for one endpoint `kind`, answering from `engine`."""
+    return APPS[kind](engine, auth)

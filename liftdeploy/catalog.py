@@ -36,8 +36,25 @@ GPUS: tuple[Gpu, ...] = (
     Gpu("B200+", 192, 6.25, fp8=True, variant_of="B200"),
 )
 
-# `"any"` at the end of a fallback chain: every GPU that fits the model, cheapest first.
+# `"any"` at the end of a fallback chain: the cheapest few other GPUs that fit the model.
 ANY_GPU = "any"
+ANY_GPU_WIDTH = 3  # how many GPUs `any` adds: enough to ride out a shortage, not every GPU up to B200
+
+# Modal's price multiplier for a Function pinned to a region
+# (https://modal.com/docs/guide/region-selection#pricing, read 2026-11): broad regions 1.5x,
+# narrow ones 1.75x; a list spanning both pays the smaller.
+BROAD_REGIONS = frozenset({"us", "eu", "ap", "uk", "ca", "me", "sa", "af", "mx"})
+BROAD_REGION_MULTIPLIER = 1.5
+NARROW_REGION_MULTIPLIER = 1.75
+
+
+def region_multiplier(region: str | list[str] | None) -> float:
+    """What Modal multiplies the base price by for `region=` (1.0 when no region is set)."""
+    if not region:
+        return 1.0
+    regions = [region] if isinstance(region, str) else region
+    return min(BROAD_REGION_MULTIPLIER if r.lower() in BROAD_REGIONS else NARROW_REGION_MULTIPLIER
+               for r in regions)
 
 
 def gpu_names() -> list[str]:
@@ -57,6 +74,10 @@ class KnownModel:
     params_b: float  # parameters, in billions: all of them, every expert of a mixture of experts
     family: str  # architecture family (Hugging Face `model_type`)
     active_b: float | None = None  # a mixture of experts: parameters used per token
+    # How the model thinks before it answers: "hybrid" (its chat template's `enable_thinking`
+    # turns it on or off, e.g. Qwen3), "always" (it cannot be turned off), or None.
+    thinking: str | None = None
+    reasoning_parser: str | None = None  # vLLM's parser that splits the thinking from the answer
 
 
 def moe_sizes(model_id: str) -> tuple[float, float] | None:
@@ -74,8 +95,11 @@ MODELS: dict[str, KnownModel] = {
     "Qwen/Qwen2.5-Coder-1.5B-Instruct": KnownModel(1.5, "qwen2"),
     "Qwen/Qwen2.5-7B-Instruct": KnownModel(7.6, "qwen2"),
     "Qwen/Qwen2.5-72B-Instruct": KnownModel(72.7, "qwen2"),
-    "Qwen/Qwen3-8B": KnownModel(8.2, "qwen3"),
-    "Qwen/Qwen3-32B": KnownModel(32.8, "qwen3"),
+    "Qwen/Qwen3-8B": KnownModel(8.2, "qwen3", thinking="hybrid", reasoning_parser="qwen3"),
+    "Qwen/Qwen3-32B": KnownModel(32.8, "qwen3", thinking="hybrid", reasoning_parser="qwen3"),
+    "Qwen/Qwen3-4B-Thinking-2507": KnownModel(4.0, "qwen3", thinking="always", reasoning_parser="qwen3"),
+    "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B": KnownModel(7.6, "qwen2", thinking="always",
+                                                         reasoning_parser="deepseek_r1"),
     "Qwen/Qwen3-Coder-30B-A3B-Instruct": KnownModel(30.5, "qwen3_moe", active_b=3.3),
     "meta-llama/Llama-3.1-8B-Instruct": KnownModel(8.0, "llama"),
     "meta-llama/Llama-3.3-70B-Instruct": KnownModel(70.6, "llama"),

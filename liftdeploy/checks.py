@@ -18,11 +18,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from . import modal_rules
 from ._tokens import find_token
 from .errors import Diagnostic, ManifestError, UsageError
 from .manifest import Loaded, load_targets, read
 from .render import drift, output_path
-from .rules import RULES, error, warning
+from .rules import RULES, diagnostic, error, warning
 
 _SECRET_KEY = re.compile(r"(TOKEN|SECRET|PASSWORD|API_KEY|ACCESS_KEY)", re.IGNORECASE)
 
@@ -75,11 +76,16 @@ def diagnose(loaded: Loaded, *, drift_check: bool = True, resolve: bool = False)
     """Everything found on one target: what `apply` of exactly this target must pass."""
     found = list(secret_values(loaded.path, loaded.text))
     found += [d for each in RULES for d in each(loaded)]
+    found += [_diagnostic(loaded, issue) for issue in modal_rules.issues(loaded)]
     if drift_check:
         found += drift_findings(loaded)
     if resolve:
         found += resolve_findings(loaded)
     return found
+
+
+def _diagnostic(loaded: Loaded, issue: modal_rules.Issue) -> Diagnostic:
+    return diagnostic(loaded, issue.severity, issue.code, issue.path, issue.message, issue.hint)
 
 
 def overlay_collisions(base: Loaded, envs: tuple[Loaded, ...]) -> Iterator[tuple[Loaded, Diagnostic]]:
@@ -164,6 +170,7 @@ class Report:
 
 def check(paths: list[Path], *, resolve: bool = False, drift_check: bool = True) -> Report:
     report = Report()
+    every: list[Loaded] = []  # every target of every manifest: a label is claimed per Modal environment
     for path in manifests(paths):
         try:
             source = read(path)
@@ -180,4 +187,8 @@ def check(paths: list[Path], *, resolve: bool = False, drift_check: bool = True)
         for env, collision in overlay_collisions(targets.base, targets.envs):
             found[env.env].append(collision)
         report.targets += [Checked(t.label, str(path), found[t.env]) for t in targets.all]
+        every += targets.all
+    checked = {(c.file, c.label): c for c in report.targets}
+    for loaded, issue in modal_rules.label_collisions(every):
+        checked[(str(loaded.path), loaded.label)].diagnostics.append(_diagnostic(loaded, issue))
     return report

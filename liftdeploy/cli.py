@@ -208,9 +208,11 @@ def check(
 def plan(file: FileArg, env: EnvOption = None) -> None:
     """Show what will be deployed and what changed since the last apply."""
     from .manifest import load
+    from .modal_env import lookup
     from .plan import describe
 
-    typer.echo(describe(load(file, env)))
+    loaded = load(file, env)
+    typer.echo(describe(loaded, env=lookup(loaded.manifest.app.environment)))
 
 
 @app.command()
@@ -229,14 +231,24 @@ def apply(
     from .checks import diagnose
     from .errors import StepError
     from .manifest import load
-    from .plan import describe
+    from .modal_env import lookup
+    from .plan import describe, diff, in_place
+    from .state import read_state, settings
 
     loaded = load(file, env)
     errors = [d for d in diagnose(loaded, drift_check=False) if d.severity == "error"]
     if errors:
         typer.echo("\n".join(d.render() for d in errors), err=True)
         raise StepError("check", f"{len(errors)} error(s); nothing was deployed", "fix them, then re-run apply")
-    typer.echo(describe(loaded))
+    environment = lookup(loaded.manifest.app.environment)
+    if environment.exists is False:
+        raise StepError("environment", f"Modal environment `{environment.name}` does not exist in workspace "
+                        f"`{environment.workspace}`; nothing was deployed",
+                        f"run `modal environment create {environment.name}` (or set `app.environment`), "
+                        "then re-run apply")
+    typer.echo(describe(loaded, env=environment))
+    state = read_state(loaded)
+    quiet = state is not None and in_place(diff(state.settings, settings(loaded), loaded.manifest))
     try:
         confirmed = yes or typer.confirm("\nDeploy this?", default=False)
     except typer.Abort:  # no answer (stdin closed)
@@ -245,7 +257,7 @@ def apply(
         typer.echo("cancelled; nothing was deployed")
         raise typer.Exit(1)
     steps = deploying.apply(
-        loaded, verify=verify, warmup_timeout=timeout,
+        loaded, verify=verify, warmup_timeout=timeout, in_place=quiet,
         on_step=lambda step: typer.echo(f"✓ {step.name} ({step.seconds:.1f} s) {step.detail}"),
         progress=lambda elapsed, last: typer.echo(f"  … warming up, {elapsed:.0f} s ({last})", err=True),
     )
@@ -279,9 +291,12 @@ TargetArg = Annotated[str, typer.Argument(help="A manifest (URLs derived) or a b
 def serve(
     file: FileArg,
     env: EnvOption = None,
-    local: Annotated[
-        bool, typer.Option("--local", help="Serve on this machine with the CPU engine instead of `modal serve`.")
-    ] = False,
+    local: Annotated[bool, typer.Option("--local", help="Serve on this machine instead of `modal serve`.")] = False,
+    engine: Annotated[
+        str,
+        typer.Option("--engine", help="With --local: `transformers` (a fast CPU stand-in) or `vllm` (the "
+                     "module's own vLLM engine, on vLLM's CPU build)."),
+    ] = "transformers",
     port: Annotated[int, typer.Option("--port", "-p", help="Local port.")] = 8000,
     model_path: Annotated[
         Path | None,
@@ -291,6 +306,7 @@ def serve(
     ] = None,
 ) -> None:
     """Serve the app: `modal serve` with hot reload, or `--local` on 127.0.0.1 with a CPU engine."""
+    from .errors import UsageError
     from .manifest import load
 
     loaded = load(file, env)
@@ -298,20 +314,24 @@ def serve(
         from .deploy import modal_serve
 
         raise typer.Exit(modal_serve(loaded))
-    from .local.server import LocalServer, build, local_engine
+    from .local.server import ENGINES, LocalServer, build, import_rendered, local_engine
 
-    engine = local_engine(loaded, model_path)  # names the extra to install when a package is missing
-    router = build(loaded, engine)
+    if engine not in ENGINES:
+        raise UsageError(f"unknown engine `{engine}`", f"use one of: {', '.join(ENGINES)}")
+    module = import_rendered(loaded)
+    served = local_engine(loaded, module, engine, model_path)  # names the extra to install when one is missing
+    router = build(loaded, served, module=module)
     server = LocalServer(router, port=port, log_level="info")  # takes the port now, before the model loads
     if str(loaded.manifest.engine.kind) == "sglang":
         typer.echo(f"engine: transformers + XGrammar on this CPU stand in for SGLang {loaded.manifest.engine_version} "
                    "(SGLang's server needs a CUDA GPU); the endpoints, validation and auth are the module's own",
                    err=True)
-    typer.echo(f"loading {'the smoke model' if model_path is None else model_path} on the CPU ...", err=True)
-    engine.start()
+    what = "the smoke model" if model_path is None else str(model_path)
+    typer.echo(f"loading {what} on the CPU with the {engine} engine ...", err=True)
+    served.start()
     try:  # Ctrl-C (or SIGINT) from here on stops the server; it is how `serve --local` ends
         with server:
-            typer.echo(f"serving {loaded.label} at {server.url} (model: {engine.name})", err=True)
+            typer.echo(f"serving {loaded.label} at {server.url} (model: {served.name}, engine: {engine})", err=True)
             for ep in router.index.values():
                 typer.echo(f"  {ep['kind']:<9} {server.url}{ep['path']}  auth={ep['auth']}", err=True)
             creds = router.credentials
@@ -323,6 +343,8 @@ def serve(
             server.thread.join()
     except KeyboardInterrupt:
         typer.echo("stopping", err=True)
+    finally:
+        served.stop()
 
 
 @app.command()

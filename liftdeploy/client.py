@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 import httpx
 
+from . import urls
 from .errors import LiftdeployError
 
 RETRY_STATUSES = frozenset({502, 503, 504})
@@ -107,12 +108,10 @@ class Endpoints:
         return cls.at({ep.label: f"{base}/{ep.label}" for ep in endpoints}, endpoints)
 
     @classmethod
-    def modal(cls, workspace: str, environment: str, endpoints: Iterable[EndpointLike]) -> Endpoints:
-        """Modal's URLs (`urls.modal_url`) for a deployed app."""
-        from .urls import modal_urls
-
+    def modal(cls, workspace: str, web_suffix: str, endpoints: Iterable[EndpointLike]) -> Endpoints:
+        """Modal's URLs (`urls.modal_urls`) for a deployed app."""
         endpoints = list(endpoints)
-        return cls.at(modal_urls(workspace, environment, endpoints), endpoints)
+        return cls.at(urls.modal_urls(workspace, web_suffix, endpoints), endpoints)
 
     @staticmethod
     def kinds(endpoints: Iterable[EndpointLike]) -> dict[str, str]:
@@ -179,6 +178,7 @@ class _Base:
         self.backoff = backoff
         self.recorder = recorder or Recorder.from_env()
         self.warm = False
+        self.guessed_at: str | None = None  # for_url's base URL while its endpoints are guessed
 
     @classmethod
     def for_manifest(cls, manifest: str | Path, env: str | None = None, *, base_url: str | None = None,
@@ -193,7 +193,7 @@ class _Base:
         if not m.app.workspace:
             raise ClientError("the manifest has no `app.workspace`, so its URLs are unknown",
                               hint="set `app.workspace` or pass a base URL")
-        return cls(Endpoints.modal(m.app.workspace, m.app.environment, m.endpoints), kinds, **kwargs)
+        return cls(Endpoints.modal(m.app.workspace, m.app.assumed_web_suffix, m.endpoints), kinds, **kwargs)
 
     @classmethod
     def for_url(cls, base_url: str, endpoints: list[dict[str, str]] | None = None, *, auth: str = "auto",
@@ -204,9 +204,27 @@ class _Base:
         A server that lists none (not up yet, or not liftdeploy's) gets the default labels, and
         `auth` for each: `none`, `proxy`, `bearer`, or `auto` (the default) for whichever
         credentials are configured."""
-        routes = ([Route(ep["kind"], ep["label"], ep["auth"]) for ep in endpoints] if endpoints
-                  else listed_routes(base_url) or [Route(k, k, auth) for k in ("health", "warmup", "generate")])
-        return cls(Endpoints.local(base_url, routes), Endpoints.kinds(routes), **kwargs)
+        listed = [Route(ep["kind"], ep["label"], ep["auth"]) for ep in endpoints] if endpoints \
+            else listed_routes(base_url)
+        routes = listed or [Route(k, k, auth) for k in ("health", "warmup", "generate")]
+        client = cls(Endpoints.local(base_url, routes), Endpoints.kinds(routes), **kwargs)
+        if not listed:  # a guess: labels are `<app name>-<kind>` unless set, so adopt the server's list
+            client.guessed_at = base_url  # when it first answers (`_adopt_listing`)
+        return client
+
+    def _adopt_listing(self, response: httpx.Response) -> bool:
+        """While the endpoints are guessed, a liftdeploy server's 404 lists the real ones: take them."""
+        if self.guessed_at is None or response.status_code != 404:
+            return False
+        try:
+            routes = routes_of(response.json().get("endpoints"))
+        except (ValueError, AttributeError):
+            return False
+        if not routes:
+            return False
+        self.endpoints, self.kinds = Endpoints.local(self.guessed_at, routes), Endpoints.kinds(routes)
+        self.guessed_at = None
+        return True
 
     def _exchange(self, kind: str, method: str, body: Any, read_timeout: float | None):
         """The request policy as a generator, driven by both clients: it yields a request to send
@@ -221,6 +239,10 @@ class _Base:
             outcome = yield {"method": method, "url": req["url"], "headers": req["headers"], "json": body,
                              "timeout": req["timeout"]}
             response = outcome if isinstance(outcome, httpx.Response) else None
+            if response is not None and self._adopt_listing(response):
+                req = self._request(kind, method, body, read_timeout)  # the same kind, at its real label
+                last = f"HTTP {response.status_code}"
+                continue
             if response is not None:
                 result = self._outcome(req, response)
                 if result is not None:
@@ -232,7 +254,8 @@ class _Base:
                 yield float(self._delay(attempt, response))
         raise self._gave_up(req, last)
 
-    def _request(self, kind: str, method: str, body: Any, read_timeout: float | None) -> dict[str, Any]:
+    def address(self, kind: str) -> tuple[str, dict[str, str]]:
+        """The base URL of the endpoint of `kind`, and the headers its auth wants."""
         label = self.endpoints.label(kind, self.kinds)
         headers = {"Accept": "application/json"}
         auth = self.endpoints.auth.get(label, "none")
@@ -240,9 +263,16 @@ class _Base:
             headers["Authorization"] = f"Bearer {self.token}"
         if auth in ("proxy", "auto") and self.proxy_auth:
             headers["Modal-Key"], headers["Modal-Secret"] = self.proxy_auth
+        return self.endpoints.urls[label], headers
+
+    def timeout(self, read_timeout: float | None = None) -> httpx.Timeout:
         read = read_timeout or (self.timeouts.read if self.warm else self.timeouts.cold_read)
-        return {"label": label, "method": method, "url": self.endpoints.urls[label], "headers": headers,
-                "json": body, "timeout": httpx.Timeout(read, connect=self.timeouts.connect)}
+        return httpx.Timeout(read, connect=self.timeouts.connect)
+
+    def _request(self, kind: str, method: str, body: Any, read_timeout: float | None) -> dict[str, Any]:
+        url, headers = self.address(kind)
+        return {"label": self.endpoints.label(kind, self.kinds), "method": method, "url": url, "headers": headers,
+                "json": body, "timeout": self.timeout(read_timeout)}
 
     def _delay(self, attempt: int, response: httpx.Response | None) -> float:
         after = response.headers.get("retry-after") if response is not None else None
@@ -281,6 +311,11 @@ def listed_routes(base_url: str) -> list[Route] | None:
         index = httpx.get(base_url.rstrip("/") + "/", timeout=5.0).json().get("endpoints")
     except (httpx.HTTPError, ValueError, AttributeError):
         return None
+    return routes_of(index)
+
+
+def routes_of(index: Any) -> list[Route] | None:
+    """Routes from a local server's listing (`{label: {kind, auth, path}}`); None if it is not one."""
     if not isinstance(index, dict):
         return None
     try:

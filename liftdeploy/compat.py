@@ -16,6 +16,7 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
+from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 from .knowledge import PREFERRED_PYTHON, Conflict, Finding, KnowledgeBase, Pins, conflicts, runtime_conflicts
@@ -42,6 +43,9 @@ __all__ = [
 ]
 
 XGRAMMAR_SINCE = Version("0.6.5")
+# From 0.9 the V1 engine compiles grammars with one backend class per engine (xgrammar or guidance),
+# behind request validators the rendered pre-check calls (vllm/v1/structured_output/).
+V1_STRUCTURED_OUTPUT_SINCE = Version("0.9.0")
 """First vLLM release with the xgrammar guided-decoding backend (its wheels ship
 ``vllm/model_executor/guided_decoding/xgrammar_decoding.py`` from 0.6.5 on)."""
 
@@ -173,6 +177,53 @@ def supports_xgrammar(vllm_version: str) -> bool:
     if v is None:
         raise ValueError(f"not a version: {vllm_version!r}")
     return v >= XGRAMMAR_SINCE
+
+
+def v1_structured_output(vllm_version: str) -> bool:
+    """Whether this vLLM has the V1 structured-output backends (guidance, whitespace control)."""
+    v = _version(vllm_version)
+    if v is None:
+        raise ValueError(f"not a version: {vllm_version!r}")
+    return v >= V1_STRUCTURED_OUTPUT_SINCE
+
+
+def default_backend(vllm_version: str) -> str:
+    """guidance where the pinned vLLM has it: it compiles bounded strings correctly (see README)."""
+    return "guidance" if v1_structured_output(vllm_version) else "xgrammar"
+
+
+# mlc-ai/xgrammar#800: length-bounded strings compile to `[^"\\\r\n]{m,n}` (raw control characters
+# pass). Checked on 0.1.19, 0.1.25, 0.2.0, 0.2.8 and 0.2.9 (the newest); open upstream, so every release
+# up to the newest checked is taken to have it. Raise this once a release fixes it.
+XGRAMMAR_BOUNDED_STRINGS_CHECKED_TO = Version("0.2.9")
+
+
+def xgrammar_version(pins: dict[str, str], vllm_version: str) -> str | None:
+    """The xgrammar the image gets: the manifest's pin, or the one the vLLM release pins exactly."""
+    pinned: dict[str, str] = {canonicalize_name(name.split("[")[0]): v for name, v in pins.items()}
+    if "xgrammar" in pinned:
+        return pinned["xgrammar"]
+    rel = release(vllm_version)
+    spec = rel.xgrammar if rel is not None else ""
+    return spec[2:] if spec.startswith("==") else None
+
+
+def xgrammar_bounded_strings_defect(version: str | None) -> bool:
+    """Whether this xgrammar (None: unknown) may have the bounded-string defect (#800)."""
+    v = _version(version) if version else None
+    return v is None or v <= XGRAMMAR_BOUNDED_STRINGS_CHECKED_TO
+
+
+# Engine features a rendered app may ask for, from the first release contract-tested to have them
+# (tests/test_vllm_engine_contract.py reads each family's real wheel: 0.6.5 has neither).
+SLEEP_MODE_SINCE = Version("0.9.2")  # enable_sleep_mode; AsyncLLM.sleep(level) / wake_up()
+REASONING_SINCE = Version("0.9.2")  # reasoning_parser (0.9.x also needs enable_reasoning)
+REASONING_FLAG_UNTIL = Version("0.10")  # `enable_reasoning` is gone from EngineArgs by 0.11
+
+
+def has(vllm_version: str, since: Version) -> bool:
+    v = _version(vllm_version)
+    return v is not None and v >= since
 
 
 def known_versions(package: str) -> list[str]:

@@ -3,7 +3,9 @@
 `apply` = check → render → deploy → record state → warm-up → smoke test. The module is
 rendered into a temporary folder and deployed from there; only after Modal accepted it
 are the rendered file beside the manifest and the state file replaced (atomically), so a
-failure at any step leaves the previous render and state as they were.
+failure at any step leaves the previous render and state as they were. When every change
+since the last apply is an autoscaler setting, `apply` hands them to Modal's autoscaler
+(`update_autoscaler`) instead of deploying: no new containers, no cold start.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from types import ModuleType
 from .errors import StepError
 from .manifest import Endpoint, EndpointKind, Loaded
 from .render import ident, output_path, render, write_atomic
-from .state import forget, record, state_path, tag_for
+from .state import forget, read_state, record, state_path, tag_for
 from .urls import modal_urls
 
 # ## Deploying
@@ -87,6 +89,31 @@ def deploy(loaded: Loaded, path: Path) -> tuple[str | None, dict[str, str]]:
     return app.app_id, web_urls(module, m.endpoints)
 
 
+def update_autoscaler(loaded: Loaded) -> str:
+    """Give the GPU class of the deployed app [scaling]'s autoscaler settings, without a deploy
+    (https://modal.com/docs/guide/scale#dynamic-autoscaler-updates); returns what Modal now has."""
+    import warnings
+
+    import modal
+    import modal.exception
+
+    m, s = loaded.manifest, loaded.manifest.scaling
+    wanted = {"min_containers": s.min_containers, "max_containers": s.max_containers,
+              "buffer_containers": s.buffer_containers, "scaledown_window": s.scaledown_window}
+    try:
+        inference = modal.Cls.from_name(m.app.name, "Inference", environment_name=m.app.environment)()
+        with warnings.catch_warnings():  # modal's Cls method calls its own deprecated Function method
+            warnings.simplefilter("ignore", modal.exception.DeprecationError)
+            now = inference.update_autoscaler(**{k: v for k, v in wanted.items() if v is not None})
+    except modal.exception.NotFoundError as exc:
+        raise StepError("autoscaler", f"the deployed app has no GPU class to update: {exc}",
+                        "deploy it first: delete the state file and re-run apply") from None
+    except Exception as exc:  # modal's errors, grpclib's: nothing changed locally
+        raise StepError("autoscaler", f"{type(exc).__name__}: {exc}",
+                        "nothing was changed locally; re-run apply") from None
+    return ", ".join(f"{k} {getattr(now, k)}" for k in wanted if getattr(now, k, None) is not None)
+
+
 def modal_serve(loaded: Loaded) -> int:
     """`modal serve` of the rendered module, with hot reload."""
     path = output_path(loaded)
@@ -118,10 +145,11 @@ class Step:
     detail: str = ""
 
 
-def apply(loaded: Loaded, *, verify: bool = True, warmup_timeout: float = 600.0,
+def apply(loaded: Loaded, *, verify: bool = True, warmup_timeout: float = 600.0, in_place: bool = False,
           on_step: Callable[[Step], None] = lambda step: None,
           progress: Callable[[float, str], None] | None = None) -> list[Step]:
-    """Render → deploy → record state → warm-up → smoke. The caller has run `check` first."""
+    """Render → deploy (or, `in_place`, update the autoscaler) → record state → warm-up → smoke.
+    The caller has run `check` first, and planned `in_place` (`plan.in_place`)."""
     from . import verify as verifying
     from .client import Client, Endpoints, Timeouts
 
@@ -133,8 +161,13 @@ def apply(loaded: Loaded, *, verify: bool = True, warmup_timeout: float = 600.0,
 
     with rendered_module(loaded) as (path, text):
         started = time.monotonic()
-        app_id, urls = deploy(loaded, path)
-        done("deploy", started, app_id or "")
+        previous = read_state(loaded) if in_place else None
+        if previous is not None:
+            done("update autoscaler", started, update_autoscaler(loaded))
+            app_id, urls = previous.app_id, previous.urls
+        else:
+            app_id, urls = deploy(loaded, path)
+            done("deploy", started, app_id or "")
         started = time.monotonic()
         write_atomic(output_path(loaded), text)
         record(loaded, app_id, urls)
@@ -147,7 +180,7 @@ def apply(loaded: Loaded, *, verify: bool = True, warmup_timeout: float = 600.0,
         if not m.app.workspace:
             raise StepError("warm-up", f"Modal returned no URL for {', '.join(missing)}",
                             "set `app.workspace`, or run `liftdeploy warmup URL` yourself")
-        urls = {**modal_urls(m.app.workspace, m.app.environment, m.endpoints), **urls}
+        urls = {**modal_urls(m.app.workspace, m.app.assumed_web_suffix, m.endpoints), **urls}
     client = Client(Endpoints.at(urls, m.endpoints), Endpoints.kinds(m.endpoints),
                     timeouts=Timeouts(cold_read=warmup_timeout))
     with client:

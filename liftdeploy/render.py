@@ -19,11 +19,12 @@ from typing import Any
 import jinja2
 from pydantic import BaseModel
 
-from . import __version__, sglang_args
+from . import __version__, compat, sglang_args, sizing
 from ._files import write_atomic as write_atomic  # where the CLI and apply write files
-from .compat import api_family
+from .compat import api_family, v1_structured_output
 from .errors import StepError
 from .manifest import Loaded, Manifest
+from .openai_server import TOOL_CALL_PARSERS, openai_server_api
 
 TEMPLATE = "modal_app.py.j2"
 TEMPLATES = {"vllm": TEMPLATE, "sglang": "modal_app_sglang.py.j2"}
@@ -99,8 +100,14 @@ def _environment() -> jinja2.Environment:
     return env
 
 
+# vLLM's sleep level before a snapshot: 1 moves the weights to CPU memory and drops the KV cache
+# (Modal's vLLM snapshot examples use it); waking copies the weights back.
+SLEEP_LEVEL = 1
+
+
 def engine_args(m: Manifest) -> dict[str, Any]:
-    """vLLM engine arguments, in the pinned release's names."""
+    """vLLM engine arguments, in the pinned release's names (contract-tested on each API family's
+    real wheel: tests/test_vllm_engine_contract.py)."""
     args: dict[str, Any] = {"model": m.model.id}
     if m.model.revision:
         args["revision"] = m.model.revision
@@ -112,15 +119,36 @@ def engine_args(m: Manifest) -> dict[str, Any]:
     args["tensor_parallel_size"] = m.model.tensor_parallel_size
     args["gpu_memory_utilization"] = m.model.gpu_memory_utilization
     args["trust_remote_code"] = m.model.trust_remote_code
+    # The engine batches exactly what Modal lets into one container (@modal.concurrent max_inputs).
+    args["max_num_seqs"] = m.concurrency.max_inputs
     if m.cold_start.fast_boot:
         args["enforce_eager"] = True  # no CUDA graphs or torch.compile: faster start, slower tokens
+    else:  # graphs only for batch sizes a container can get: vLLM's default runs to 512
+        args["compilation_config"] = {"cudagraph_capture_sizes": sizing.capture_sizes(m.concurrency.max_inputs)}
+    if m.cold_start.snapshot:
+        args["enable_sleep_mode"] = True  # sleep before the memory snapshot, wake after the restore
+    if m.model.thinking and m.model.parser:
+        if not compat.has(m.image.vllm, compat.REASONING_FLAG_UNTIL):
+            args["enable_reasoning"] = True  # 0.9.x asks for both; 0.10 dropped the flag
+        args["reasoning_parser"] = m.model.parser  # constrain the answer, not the thinking
     if m.volumes.weights:
         args["download_dir"] = m.volumes.weights.mount + "/hub"
+    compact = m.whitespace == "compact"
     if api_family(m.image.vllm) == "guided_decoding":
-        args["guided_decoding_backend"] = m.decoding.backend
+        args["guided_decoding_backend"] = m.backend
+        if compact:
+            args["guided_decoding_disable_any_whitespace"] = True
     else:
-        args["structured_outputs_config"] = {"backend": m.decoding.backend}
+        args["structured_outputs_config"] = {"backend": m.backend}
+        if compact:
+            args["structured_outputs_config"]["disable_any_whitespace"] = True
     return args
+
+
+def openai_context(m: Manifest) -> dict[str, Any]:
+    """How the pinned vLLM builds its own OpenAI server, and the options it is given."""
+    parser = TOOL_CALL_PARSERS.get(m.model.known.family) if m.model.known else None
+    return {**openai_server_api(m.image.vllm).context(), "tool_call_parser": parser}
 
 
 def image_env(m: Manifest) -> dict[str, str]:
@@ -130,12 +158,18 @@ def image_env(m: Manifest) -> dict[str, str]:
     env: dict[str, str] = {}
     if m.volumes.weights:
         env["HF_HOME"] = m.volumes.weights.mount
-    if m.volumes.compile_cache and m.cold_start.compile_cache:
-        env["VLLM_CACHE_ROOT"] = m.volumes.compile_cache.mount
+    if m.compile_cached:
+        env["VLLM_CACHE_ROOT"] = m.volumes.compile_cache.mount  # type: ignore[union-attr]
     if m.cold_start.fast_download:
         env["HF_XET_HIGH_PERFORMANCE"] = "1"
         if any(req.startswith("hf-transfer==") or req.startswith("hf_transfer==") for req in m.image.packages):
             env["HF_HUB_ENABLE_HF_TRANSFER"] = "1"
+    if m.cold_start.snapshot:
+        # What Modal's vLLM snapshot example sets (06_gpu_and_ml/llm-serving/vllm_low_latency.py),
+        # and what Modal's snapshot guide advises when torch.compile runs before a snapshot.
+        env["VLLM_SERVER_DEV_MODE"] = "1"
+        env["TORCH_CPP_LOG_LEVEL"] = "FATAL"
+        env["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
     env.update(m.image.env)
     return env
 
@@ -167,6 +201,7 @@ def context_sglang(m: Manifest) -> dict[str, Any]:
         "sglang_version": sglang_args.version(m),
         "grammar_backend": sglang_args.grammar_backend(m),
         "server_args": sglang_args.server_args(m),
+        "openai_template": "_openai_chat.py.j2",
     }
 
 
@@ -178,9 +213,7 @@ def context(loaded: Loaded) -> dict[str, Any]:
         mounts.append("MODELS_DIR: weights_volume")
     if m.volumes.compile_cache:
         mounts.append("CACHE_DIR: cache_volume" if sglang else "VLLM_CACHE_DIR: vllm_cache_volume")
-    secrets = list(m.secrets.names)
-    if m.secrets.bearer and m.secrets.bearer not in secrets:
-        secrets.append(m.secrets.bearer)
+    secrets = {name: m.secrets.required_keys(name) for name in m.secrets.all_names}
     shared = {
         "m": m,
         "version": __version__,
@@ -188,15 +221,22 @@ def context(loaded: Loaded) -> dict[str, Any]:
         "env": loaded.env,
         "sha256": loaded.sha256,
         "gpu_chain": m.gpu_chain(),
+        "backend": m.backend,
+        "whitespace": m.whitespace,
         "volumes_expr": "{" + ", ".join(mounts) + "}" if mounts else "",
         "secrets": secrets,
+        "sleep_level": SLEEP_LEVEL,
+        "hours": m.scaling.business_hours,
         "endpoints": m.endpoints,
         "kinds": sorted({ep.kind.value for ep in m.endpoints}),
         "image_env": image_env(m),
     }
     if sglang:
         return {**shared, **context_sglang(m)}
-    return {**shared, "api_family": api_family(m.image.vllm), "engine_args": engine_args(m)}
+    openai = openai_context(m) if any(ep.kind.value == "openai" for ep in m.endpoints) else None
+    return {**shared, "api_family": api_family(m.image.vllm), "engine_args": engine_args(m),
+            "v1_structured_output": v1_structured_output(m.image.vllm), "openai": openai,
+            "openai_template": "openai_route.py.j2"}
 
 
 def render(loaded: Loaded) -> str:

@@ -81,10 +81,35 @@ def api_family(loaded: Loaded) -> Iterator[Diagnostic]:
                     f"vllm {m.image.vllm} takes structured outputs only through"
                     " `LLM.generate(guided_options_request=...)`, which the async engine cannot use",
                     "pin vllm>=0.6.5 (XGrammar) or newer")
-    if m.decoding.backend == "xgrammar" and not compat.supports_xgrammar(m.image.vllm):
+    if m.backend == "xgrammar" and not compat.supports_xgrammar(m.image.vllm):
         yield error(loaded, "xgrammar-unavailable", "decoding.backend",
-                    f"vllm {m.image.vllm} has no xgrammar backend (added in 0.6.5)",
-                    "pin vllm>=0.6.5, or choose `backend = \"outlines\"`")
+                    f"vllm {m.image.vllm} has no xgrammar backend (added in 0.6.5)", "pin vllm>=0.6.5")
+
+
+@rule
+def decoding(loaded: Loaded) -> Iterator[Diagnostic]:
+    """What the structured-output settings need from the pinned vLLM, and XGrammar's known defect."""
+    m = loaded.manifest
+    if str(m.engine.kind) != "vllm":
+        return  # SGLang's settings are matched to its release when the manifest validates
+    v1 = compat.v1_structured_output(m.image.vllm)
+    if m.decoding.backend == "guidance" and not v1:
+        yield error(loaded, "guidance-unavailable", "decoding.backend",
+                    f"vllm {m.image.vllm} has no guidance backend that liftdeploy can pre-check (vLLM's V1 "
+                    "structured outputs, 0.9 and later)", 'pin vllm>=0.9, or set `backend = "xgrammar"`')
+    if m.decoding.whitespace == "compact" and not v1:
+        yield error(loaded, "whitespace-unavailable", "decoding.whitespace",
+                    f"vllm {m.image.vllm} cannot keep constrained JSON compact (disable_any_whitespace "
+                    "came with vLLM's V1 structured outputs, 0.9 and later)",
+                    'pin vllm>=0.9, or set `whitespace = "any"`')
+    xgrammar = compat.xgrammar_version(m.image.pins, m.image.vllm)
+    if m.backend == "xgrammar" and compat.xgrammar_bounded_strings_defect(xgrammar):
+        yield warning(loaded, "xgrammar-bounded-strings", "decoding.backend",
+                      f"xgrammar {xgrammar or '(the version vLLM pulls in)'} compiles strings with minLength/"
+                      "maxLength to a rule that admits raw control characters, invalid JSON "
+                      "(mlc-ai/xgrammar#800); the rendered app rewrites them as patterns, which also keeps "
+                      "escapes (\\\" \\\\ \\n) out of such strings",
+                      'set `backend = "guidance"` (the default), which has neither limit')
 
 
 @rule

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 __all__ = ["GRAMMAR_BACKENDS", "cache_env", "grammar_backend", "refusals", "server_args", "version"]
 
-GRAMMAR_BACKENDS = {"xgrammar": "xgrammar", "guidance": "llguidance", "outlines": "outlines"}
+GRAMMAR_BACKENDS = {"xgrammar": "xgrammar", "guidance": "llguidance"}
 """The manifest's `decoding.backend` -> SGLang's `--grammar-backend`."""
 
 CACHE_DIRS = {
@@ -49,24 +49,18 @@ def version(m: Manifest) -> str:
 
 
 def _whitespace(m: Manifest) -> str:
-    return str(getattr(m.decoding, "whitespace", "any") or "any")
+    return m.whitespace
 
 
 def grammar_backend(m: Manifest) -> str:
-    backend = str(getattr(m, "backend", None) or m.decoding.backend)
-    return GRAMMAR_BACKENDS.get(backend, backend)
+    return GRAMMAR_BACKENDS[m.backend]
 
 
 def refusals(m: Manifest) -> list[tuple[tuple[str, ...], str, str]]:
     """`(key path, message, hint)` for every setting SGLang has no equivalent for in the pinned release."""
     v = version(m)
     out: list[tuple[tuple[str, ...], str, str]] = []
-    backend = str(getattr(m, "backend", None) or m.decoding.backend)
-    if backend not in GRAMMAR_BACKENDS:
-        out.append((("decoding", "backend"),
-                    f"SGLang has no `{backend}` grammar backend: it picks one backend per server, not per request",
-                    'choose `backend = "xgrammar"` or `"guidance"` (SGLang\'s llguidance)'))
-    elif backend == "guidance" and not compat_sglang.supports(v, "grammar-backend-llguidance"):
+    if m.decoding.backend == "guidance" and not compat_sglang.supports(v, "grammar-backend-llguidance"):
         out.append((("decoding", "backend"), f"sglang {v} has no llguidance grammar backend (added in "
                     f"{compat_sglang.FEATURES['grammar-backend-llguidance'].since})",
                     'pin a newer sglang, or choose `backend = "xgrammar"`'))

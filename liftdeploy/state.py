@@ -36,37 +36,54 @@ class State:
     applied_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
 
+# Manifest keys that do not reach Modal: where `plan` predicts URLs, and the overlays themselves.
+NOT_DEPLOYED = {"app.workspace", "app.web_suffix", "env"}
+
+
+def _flat(prefix: str, value: Any) -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, inner in value.items():
+            out.update(_flat(f"{prefix}.{key}", inner))
+        return out
+    if isinstance(value, list):
+        return {prefix: ", ".join(map(str, value))}
+    return {prefix: value}
+
+
 def settings(loaded: Loaded) -> dict[str, Any]:
-    """Every deployed setting as a flat `key: value` map: what plans are compared on."""
+    """Every deployed setting as a flat `key: value` map: what plans are compared on, and what
+    `apply` trusts when it updates the autoscaler in place, so every key that reaches the
+    rendered module is here (a few in a more readable form than the manifest's)."""
     m = loaded.manifest
-    out: dict[str, Any] = {
-        "app.name": m.app.name,
-        "app.environment": m.app.environment,
-        "engine.kind": None if str(m.engine.kind) == "vllm" else str(m.engine.kind),  # vLLM: as before engines
-        "model.id": m.model.id,
-        "model.revision": m.model.revision,
-        "model.dtype": m.model.dtype.value,
-        "model.max_model_len": m.model.max_model_len,
-        "model.quantization": m.model.quantization,
-        "model.tensor_parallel_size": m.model.tensor_parallel_size,
-        "compute.gpu": " → ".join(m.gpu_chain()),
-        "compute.cpu": m.compute.cpu,
-        "compute.memory": m.compute.memory,
-        "image.python": m.image.python,
-        "image.base": m.image.base or "debian_slim",
-    }
+    out = {k: v for k, v in _flat("", m.model_dump(mode="json", exclude={"endpoints", "secrets"})).items()}
+    out = {k.lstrip("."): v for k, v in out.items()}
+    out = {k: v for k, v in out.items() if not any(k == n or k.startswith(n + ".") for n in NOT_DEPLOYED)}
+    for key in [k for k in out if k.startswith(("image.pins.", "image.packages", "volumes.", "scaling.business_hours",
+                                                "compute.gpu"))]:
+        del out[key]
+    if out.get("engine.kind") == "vllm":
+        del out["engine.kind"]  # vLLM: as before there were engines, so earlier states still match
+    out["compute.gpu"] = " → ".join(m.gpu_chain())  # `any` expanded: what Modal gets
+    out["image.base"] = m.image.base or "debian_slim"
+    out["model.reasoning_parser"] = m.model.parser if m.model.thinking else None
     out.update({f"image.{req.partition('==')[0]}": req.partition("==")[2] for req in m.image.requirements()})
     for role in ("weights", "compile_cache"):
         volume = getattr(m.volumes, role)
         if volume:
-            out[f"volumes.{role}"] = f"{volume.name} at {volume.mount}"
-    out.update({f"scaling.{k}": v for k, v in m.scaling.model_dump().items()})
-    out.update({f"concurrency.{k}": v for k, v in m.concurrency.model_dump().items()})
-    out.update({f"cold_start.{k}": v for k, v in m.cold_start.model_dump().items()})
+            out[f"volumes.{role}"] = f"{volume.name} at {volume.mount}" + (
+                "" if volume.create_if_missing else " (must exist)")
+    hours = m.scaling.business_hours
+    if hours:
+        out["scaling.business_hours"] = (f"{hours.start}–{hours.end} {hours.timezone}, days {hours.days}: "
+                                         f"min_containers {hours.min_containers}"
+                                         + (f", buffer_containers {hours.buffer_containers}"
+                                            if hours.buffer_containers is not None else ""))
     out.update({f"endpoints.{ep.label}": f"{ep.kind.value}, auth={ep.auth.value}" for ep in m.endpoints})
-    if m.secrets.names or m.secrets.bearer:
-        out["secrets"] = ", ".join([*m.secrets.names, *([m.secrets.bearer] if m.secrets.bearer else [])])
-    return {k: v for k, v in out.items() if v is not None}
+    for name in m.secrets.all_names:
+        keys = m.secrets.required_keys(name)
+        out[f"secrets.{name}"] = f"required keys {', '.join(keys)}" if keys else "no required keys"
+    return dict(sorted((k, v) for k, v in out.items() if v is not None))
 
 
 def tag_for(loaded: Loaded) -> str:

@@ -41,3 +41,12 @@ def pytest_report_header(config: pytest.Config) -> str:
 def example(request):
     """Each example manifest with each of its envs: (path, env)."""
     return request.param
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tmp_path_factory):
+    """`liftdeploy serve --local --engine vllm deployments/qwen3-8b.toml`, shared by the engine tests."""
+    from tests.support.vllm_server import serve_vllm
+
+    with serve_vllm(DEPLOYMENTS / "qwen3-8b.toml", tmp_path_factory.mktemp("vllm")) as served:
+        yield served

@@ -277,7 +277,9 @@ def describe_rendered(path: str) -> dict[str, Any]:
                                      "create_if_missing": _closure(volume._load)["create_if_missing"]}
                         for mount, volume in spec.volumes.items()},
             "secrets": [secret._name for secret in spec.secrets],
-            "schedule": schedule.proto_message.cron.cron_string if schedule is not None else None,
+            "secret_keys": {secret._name: list(_closure(secret._load)["required_keys"]) for secret in spec.secrets},
+            "schedule": ({"cron": schedule.proto_message.cron.cron_string,
+                          "timezone": schedule.proto_message.cron.timezone} if schedule is not None else None),
             "enable_memory_snapshot": cells["enable_memory_snapshot"],
             "experimental_options": cells["experimental_options"],
             "webhook": _webhook(function._webhook_config),

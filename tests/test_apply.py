@@ -32,6 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DEPLOYMENTS = ROOT / "deployments"
 
 SECRETS = {"huggingface": {"HF_TOKEN": "hf_dummy"}, "qwen3-api-token": {"LIFTDEPLOY_API_TOKEN": "tok-dummy"}}
+# What `plan` and `apply` ask Modal about the environment before anything is deployed.
+LOOKUPS = {"ClientHello", "WorkspaceNameLookup", "EnvironmentGetOrCreate", "EnvironmentList"}
 
 
 # ## Helpers
@@ -186,7 +188,7 @@ def test_apply_qwen32b_deploys_the_manifest(applied32):
         "lift-sys-inference", tag, api_pb2.APP_STATE_DEPLOYED)
     deployed = cp.deployed_app("lift-sys-inference", "main")
     assert deployed is not None and deployed.app_id == publish.app_id
-    assert set(publish.function_ids) == {"web_health", "Inference.*"}
+    assert set(publish.function_ids) == {"web_lift_sys_inference_health", "Inference.*"}
     assert set(publish.class_ids) == {"Inference"}
 
     # The GPU class: one ranked Function per GPU of the fallback chain, in order.
@@ -210,14 +212,16 @@ def test_apply_qwen32b_deploys_the_manifest(applied32):
             auto.HasField("buffer_containers")) == (300, 0, False, False)
     assert (fn.max_concurrent_inputs, fn.target_concurrent_inputs) == (20, 0)
     assert list(fn.secret_ids) == []  # qwen32b names no secrets
-    # generate and warm-up: proxy auth (the manifest's default), each at its own label
-    assert web_endpoints(fn) == {"web_generate": ("generate", True), "web_warmup": ("warmup", True)}
+    # generate and warm-up: proxy auth (the manifest's default), each at its own label: `<app>-<kind>`
+    assert web_endpoints(fn) == {"web_lift_sys_inference_generate": ("lift-sys-inference-generate", True),
+                                 "web_lift_sys_inference_warmup": ("lift-sys-inference-warmup", True)}
 
     # health: its own function, no GPU, no auth, answering without the model.
-    (health,) = a.functions["web_health"]
+    (health,) = a.functions["web_lift_sys_inference_health"]
     assert health.resources.gpu_config.count == 0 and not health.resources.gpu_config.gpu_type
     assert health.webhook_config.type == api_pb2.WEBHOOK_TYPE_ASGI_APP
-    assert (health.webhook_config.requested_suffix, health.webhook_config.requires_proxy_auth) == ("health", False)
+    assert (health.webhook_config.requested_suffix, health.webhook_config.requires_proxy_auth) == (
+        "lift-sys-inference-health", False)
     assert not health.volume_mounts
 
     # The image: the CUDA base, the pins, the env.
@@ -242,7 +246,8 @@ def test_apply_qwen32b_deploys_the_manifest(applied32):
     assert (state["app_name"], state["environment"], state["env"], state["tag"]) == (
         "lift-sys-inference", "main", None, tag)
     assert state["manifest_sha256"] == hashlib.sha256(a.manifest.read_bytes()).hexdigest()
-    assert state["urls"] == {label: cp.web_url(label) for label in ("health", "generate", "warmup")}
+    assert state["urls"] == {f"lift-sys-inference-{kind}": cp.web_url(f"lift-sys-inference-{kind}")
+                             for kind in ("health", "generate", "warmup")}
     assert state["settings"]["scaling.scaledown_window"] == 300
     assert state["settings"]["compute.gpu"] == "A100-80GB → H100"
     assert state["settings"]["app.name"] == "lift-sys-inference"
@@ -267,14 +272,15 @@ def test_apply_qwen3_8b_with_secrets_and_autoscaling(plane, tmp_path, env):
     assert create.environment_name == environment
     (publish,) = a.calls("AppPublish")
     assert (publish.name, publish.deployment_tag) == ("qwen3-structured", tag_of(a.manifest))
-    assert set(publish.function_ids) == {"web_health", "Inference.*", "keep_warm"}
+    assert set(publish.function_ids) == {"web_qwen3_structured_health", "Inference.*", "business_hours_start",
+                                         "business_hours_end"}
 
     ranks = a.functions["Inference.*"]
     if env == "prod":
         assert gpus(ranks) == ["H100", "A100-80GB"]
-    else:  # `any` expanded to every other GPU that fits, after the two named ones
+    else:  # `any` expanded to the cheapest few other GPUs that fit, after the two named ones
         chain = gpus(ranks)
-        assert chain[:2] == ["L40S", "A100-80GB"] and len(chain) > 2 and len(set(chain)) == len(chain)
+        assert chain == ["L40S", "A100-80GB", "L4", "A10G", "A100-40GB"]
         assert chain == load(a.manifest, env).manifest.gpu_chain()
     fn = ranks[0]
     min_c, max_c = (1, 8) if env == "prod" else (0, 4)
@@ -284,26 +290,32 @@ def test_apply_qwen3_8b_with_secrets_and_autoscaling(plane, tmp_path, env):
     assert (fn.warm_pool_size, fn.concurrency_limit, fn._experimental_buffer_containers) == (min_c, max_c, 1)
     assert (fn.max_concurrent_inputs, fn.target_concurrent_inputs) == (32, 24)
     assert (fn.timeout_secs, fn.startup_timeout_secs, fn.task_idle_timeout_secs) == (600, 1200, 600)
-    # the Hugging Face secret and the bearer-token secret, both looked up by name
-    assert sorted(req.deployment_name for req in a.calls("SecretGetOrCreate")) == ["huggingface", "qwen3-api-token"]
+    # the Hugging Face secret and the bearer-token secret, both looked up by name, with the keys they must hold
+    required = {req.deployment_name: list(req.required_keys) for req in a.calls("SecretGetOrCreate")}
+    assert required == {"huggingface": ["HF_TOKEN"], "qwen3-api-token": ["LIFTDEPLOY_API_TOKEN"]}
     assert {req.environment_name for req in a.calls("SecretGetOrCreate")} == {environment}
     assert list(fn.secret_ids) == [a.secrets[(environment, "huggingface")], a.secrets[(environment, "qwen3-api-token")]]
     assert {req.environment_name for req in a.calls("VolumeGetOrCreate")} == {environment}
     assert {m.mount_path for m in fn.volume_mounts} == {"/models", "/root/.cache/vllm"}
     # bearer endpoints: the app checks the token, so Modal's proxy auth stays off
-    assert web_endpoints(fn) == {"web_warmup": ("warmup", False), "web_generate": ("generate", False),
-                                 "web_openai": ("openai", False)}
-    (health,) = a.functions["web_health"]
-    assert health.resources.gpu_config.count == 0 and health.webhook_config.requested_suffix == "health"
-    (keep_warm,) = a.functions["keep_warm"]
-    assert keep_warm.schedule.cron.cron_string == "*/10 8-18 * * 1-5"
-    assert keep_warm.resources.gpu_config.count == 0
+    assert web_endpoints(fn) == {f"web_qwen3_structured_{kind}": (f"qwen3-structured-{kind}", False)
+                                 for kind in ("warmup", "generate", "openai")}
+    (health,) = a.functions["web_qwen3_structured_health"]
+    assert health.resources.gpu_config.count == 0
+    assert health.webhook_config.requested_suffix == "qwen3-structured-health"
+    # business hours: Modal's autoscaler on a schedule, in the manifest's time zone, without a GPU
+    for name, cron in (("business_hours_start", "0 8 * * 1-5"), ("business_hours_end", "0 18 * * 1-5")):
+        (scheduled,) = a.functions[name]
+        assert (scheduled.schedule.cron.cron_string, scheduled.schedule.cron.timezone) == (cron, "Europe/Berlin")
+        assert scheduled.resources.gpu_config.count == 0
+    # the GPU class snapshots the sleeping engine (CPU and GPU memory)
+    assert fn.checkpointing_enabled and fn.experimental_options == {"enable_gpu_snapshot": "True"}
 
     state = a.state
     assert (state["env"], state["environment"], state["tag"], state["app_id"]) == (
         env, environment, tag_of(a.manifest), publish.app_id)
     assert plane.deployed_app("qwen3-structured", environment).app_id == publish.app_id
-    assert set(state["urls"]) == {"health", "warmup", "generate", "openai"}
+    assert set(state["urls"]) == {f"qwen3-structured-{kind}" for kind in ("health", "warmup", "generate", "openai")}
     assert state["settings"]["scaling.min_containers"] == min_c
     assert (a.folder / f"{module}.py").is_file()
 
@@ -313,7 +325,7 @@ def test_apply_qwen3_coder_on_sglang(plane, tmp_path):
     a = apply_copy(plane, tmp_path, "qwen3-coder-30b.toml", None, "qwen3_coder_30b")
     (publish,) = a.calls("AppPublish")
     assert (publish.name, publish.deployment_tag) == ("lift-sys-coder", tag_of(a.manifest))
-    assert set(publish.function_ids) == {"web_health", "Inference.*"}
+    assert set(publish.function_ids) == {"web_lift_sys_coder_health", "Inference.*"}
     ranks = a.functions["Inference.*"]
     assert gpus(ranks) == ["A100-80GB", "H100"]  # 30.5B parameters held: 80 GB GPUs only
     fn = ranks[0]
@@ -323,10 +335,11 @@ def test_apply_qwen3_coder_on_sglang(plane, tmp_path):
     }
     assert (fn.timeout_secs, fn.startup_timeout_secs, fn.task_idle_timeout_secs) == (600, 900, 300)
     assert (fn.max_concurrent_inputs, fn.target_concurrent_inputs) == (20, 0)
-    assert web_endpoints(fn) == {"web_warmup": ("warmup", True), "web_generate": ("generate", True),
-                                 "web_openai": ("openai", True)}
-    (health,) = a.functions["web_health"]
-    assert health.resources.gpu_config.count == 0 and health.webhook_config.requested_suffix == "health"
+    assert web_endpoints(fn) == {f"web_lift_sys_coder_{kind}": (f"lift-sys-coder-{kind}", True)
+                                 for kind in ("warmup", "generate", "openai")}
+    (health,) = a.functions["web_lift_sys_coder_health"]
+    assert health.resources.gpu_config.count == 0
+    assert health.webhook_config.requested_suffix == "lift-sys-coder-health"
 
     # The image: SGLang and its stack pinned, its JIT caches on the cache volume.
     commands = "\n".join(c for req in a.calls("ImageGetOrCreate") for c in req.image.dockerfile_commands)
@@ -340,7 +353,7 @@ def test_apply_qwen3_coder_on_sglang(plane, tmp_path):
 
     state = a.state
     assert state["settings"]["engine.kind"] == "sglang" and state["settings"]["image.sglang"] == "0.5.4.post3"
-    assert set(state["urls"]) == {"health", "warmup", "generate", "openai"}
+    assert set(state["urls"]) == {f"lift-sys-coder-{kind}" for kind in ("health", "warmup", "generate", "openai")}
     assert "Traceback" not in a.result.stderr
     plan = liftdeploy(None, "plan", "qwen3-coder-30b.toml", cwd=a.folder)
     assert plan.returncode == 0 and "No changes." in plan.stdout
@@ -364,10 +377,9 @@ def test_plan_shows_an_edited_setting(applied32, tmp_path):
     assert result.returncode == 0, output(result)
     out = result.stdout
     assert "No changes." not in out
-    assert re.search(r"^  ~ scaling\.scaledown_window: 300 → 120$", out, re.M), out
-    assert out.rstrip().endswith("Plan: 0 to add, 1 to change, 0 to remove.")
-    assert [line for line in out.splitlines() if re.match(r"^  [-+~] ", line)] == [
-        "  ~ scaling.scaledown_window: 300 → 120"]
+    assert out.rstrip().endswith("Plan: 0 to add, 1 to change (0 with a cold start, 1 in place), 0 to remove.")
+    assert [line for line in out.splitlines() if re.match(r"^  (-/\+|[-+~]) ", line)] == [
+        "  ~   scaling.scaledown_window: 300 → 120   (in place)"]
 
 
 def test_plan_shows_added_and_removed_settings(applied32, tmp_path):
@@ -377,8 +389,8 @@ def test_plan_shows_added_and_removed_settings(applied32, tmp_path):
     edit(manifest, 'packages = ["hf-transfer==0.1.9"]\n', "")
     result = liftdeploy(None, "plan", "qwen32b.toml", cwd=tmp_path)
     assert result.returncode == 0, output(result)
-    assert "  + scaling.max_containers: 3" in result.stdout.splitlines()
-    assert "  - image.hf-transfer: 0.1.9" in result.stdout.splitlines()
+    assert "  +   scaling.max_containers: 3" in result.stdout.splitlines()
+    assert "  -   image.hf-transfer: 0.1.9" in result.stdout.splitlines()
     assert "Plan: 1 to add, 0 to change, 1 to remove." in result.stdout
 
 
@@ -386,7 +398,7 @@ def test_plan_without_state_creates_everything(tmp_path):
     shutil.copy(DEPLOYMENTS / "qwen32b.toml", tmp_path)
     result = liftdeploy(None, "plan", "qwen32b.toml", cwd=tmp_path)
     assert result.returncode == 0, output(result)
-    assert "No previous apply is recorded: the whole deployment will be created." in result.stdout
+    assert "No previous apply is recorded: the whole deployment will be created (a cold start)." in result.stdout
     assert re.search(r"^Plan: [1-9]\d* to add, 0 to change, 0 to remove\.$", result.stdout, re.M)
     assert not (tmp_path / ".liftdeploy").exists() and not (tmp_path / "qwen32b.py").exists()  # plan writes nothing
 
@@ -407,8 +419,8 @@ def test_failed_deploy_keeps_previous_render_and_state(applied32, armed, tmp_pat
     cp = armed
     shutil.copytree(applied32.folder, tmp_path, dirs_exist_ok=True)
     manifest = tmp_path / "qwen32b.toml"
-    # A real change, and an image layer no earlier test has built (so a build must happen).
-    edit(manifest, "scaledown_window = 300", "scaledown_window = 120")
+    # A real change that needs a deploy, and an image layer no earlier test has built (so a build must happen).
+    edit(manifest, "timeout = 600", "timeout = 660")
     edit(manifest, 'TOKENIZERS_PARALLELISM = "false" }',
          f'TOKENIZERS_PARALLELISM = "false", LIFTDEPLOY_TEST_RUN = "{uuid.uuid4().hex}" }}')
     before = snapshot(tmp_path)
@@ -518,7 +530,8 @@ def test_apply_without_yes_deploys_nothing_unless_confirmed(plane, tmp_path, std
     assert "Traceback" not in result.stdout + result.stderr
     if stdin is not None:
         assert "cancelled; nothing was deployed" in result.stdout
-    assert plane.method_names()[start:] == []
+    # Only the questions about the environment were asked (`modal_env`); nothing was created.
+    assert set(plane.method_names()[start:]) <= LOOKUPS
     assert snapshot(tmp_path) == before
 
 
@@ -603,4 +616,5 @@ def test_apply_with_verification_against_a_local_server(tmp_path, monkeypatch):
         assert re.search(rf"^✓ {step} \([\d.]+ s\)", result.stdout, re.M), output(result)
     assert re.search(r"^✓ smoke test .*finish_reason=(stop|length)", result.stdout, re.M)
     state = json.loads(state_file(tmp_path, "qwen32b").read_text())
-    assert state["urls"] == {label: f"{server.url}/{label}" for label in ("health", "generate", "warmup")}
+    assert state["urls"] == {label: f"{server.url}/{label}"
+                             for label in (f"lift-sys-inference-{kind}" for kind in ("health", "generate", "warmup"))}

@@ -99,7 +99,8 @@ def test_for_url_sends_the_proxy_credentials_the_server_asks_for(servers, monkey
     monkeypatch.setenv("LIFTDEPLOY_PROXY_KEY", "wk-readme")
     monkeypatch.setenv("LIFTDEPLOY_PROXY_SECRET", "ws-readme")
     with Client.for_url(servers["proxy"].url) as client:
-        assert client.endpoints.auth == {"health": "none", "generate": "proxy", "warmup": "proxy"}
+        assert client.endpoints.auth == {"lift-sys-inference-health": "none", "lift-sys-inference-generate": "proxy",
+                                         "lift-sys-inference-warmup": "proxy"}
         assert client.call("warmup")["status"] == "loading"
         assert client.health()["status"] == "healthy"
 
@@ -107,7 +108,7 @@ def test_for_url_sends_the_proxy_credentials_the_server_asks_for(servers, monkey
 def test_for_url_sends_the_bearer_token_the_server_asks_for(servers, monkeypatch):
     monkeypatch.setenv("LIFTDEPLOY_API_TOKEN", "tok-readme")
     with Client.for_url(servers["bearer"].url) as client:
-        assert client.endpoints.auth["warmup"] == "bearer"
+        assert client.endpoints.auth["qwen3-structured-warmup"] == "bearer"
         assert client.call("warmup")["status"] == "loading"
 
 
@@ -133,6 +134,8 @@ def test_for_url_before_the_server_listens_sends_what_is_configured(monkeypatch)
                                                                                       proxy_secret="ws-early"))
     with LocalServer(router, port=port), early:
         assert early.call("warmup")["status"] == "loading"
+    # the labels it guessed (`warmup`) were not the server's: it took the server's list from its 404
+    assert early.endpoints.urls["lift-sys-inference-warmup"] == f"http://127.0.0.1:{port}/lift-sys-inference-warmup"
 
 
 # ## validate

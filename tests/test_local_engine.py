@@ -15,8 +15,10 @@ pytest.importorskip("xgrammar")
 jsonschema = pytest.importorskip("jsonschema")
 
 from liftdeploy.local import LocalEngine, smoke_model_dir
-from liftdeploy.local.engine import _utf8_tail
+from liftdeploy.local.server import import_rendered
 from liftdeploy.local.smoke import SMOKE_MARKER
+from liftdeploy.manifest import load
+from tests.conftest import DEPLOYMENTS
 
 IR_SCHEMA = {
     "type": "object",
@@ -140,12 +142,26 @@ def smoke_cache(tmp_path_factory: pytest.TempPathFactory):
     mp.undo()
 
 
+def rendered(tmp_path: Path, backend: str):
+    """The rendered module of the qwen3-8b example with `backend`: what the engine stands in for."""
+    manifest = tmp_path / f"{backend}.toml"
+    manifest.write_text((DEPLOYMENTS / "qwen3-8b.toml").read_text() + f'\n[decoding]\nbackend = "{backend}"\n')
+    return import_rendered(load(manifest))
+
+
 @pytest.fixture(scope="module")
-def engine(smoke_cache) -> LocalEngine:
-    eng = LocalEngine(seed=0)
+def engine(smoke_cache, tmp_path_factory) -> LocalEngine:
+    """The stand-in for a module with the default backend (guidance)."""
+    eng = LocalEngine(seed=0).for_module(rendered(tmp_path_factory.mktemp("guidance"), "guidance"))
     assert not eng.ready and eng.load_seconds is None
     eng.start()
     return eng
+
+
+@pytest.fixture(scope="module")
+def xgrammar_engine(engine, tmp_path_factory) -> LocalEngine:
+    """The same loaded model, standing in for a module with `backend = "xgrammar"`."""
+    return engine.for_module(rendered(tmp_path_factory.mktemp("xgrammar"), "xgrammar"))
 
 
 def _run(coro):
@@ -215,10 +231,10 @@ def test_smoke_model_loads_with_auto_classes(smoke_cache):
     assert tok.decode(ids) == text
 
 
-def test_llama_family_smoke_model(smoke_cache):
+def test_llama_family_smoke_model(smoke_cache, engine):
     path = smoke_model_dir("llama")
     assert path.name.startswith("llama-") and path != smoke_cache["path"]
-    eng = LocalEngine(family="llama")
+    eng = LocalEngine(family="llama", runtime=engine.runtime)
     assert eng.name == "smoke:llama" and eng.is_smoke
     eng.start()
     assert eng.model.config.model_type == "llama"
@@ -242,7 +258,9 @@ def test_engine_interface(engine, smoke_cache):
 
 @pytest.mark.parametrize("name", list(SCHEMAS))
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_constrained_generation_is_schema_valid(engine, name, temperature):
+@pytest.mark.parametrize("backend", ["guidance", "xgrammar"])
+def test_constrained_generation_is_schema_valid(request, backend, name, temperature):
+    engine = request.getfixturevalue("engine" if backend == "guidance" else "xgrammar_engine")
     schema = SCHEMAS[name]
     engine.check_schema(schema)
     # every string is bounded, so the grammar must complete well within this budget
@@ -311,7 +329,7 @@ def test_unconstrained_generation(engine):
     assert isinstance(res["text"], str)
 
 
-def test_model_dir_with_padded_vocab(smoke_cache, tmp_path):
+def test_model_dir_with_padded_vocab(smoke_cache, tmp_path, engine):
     """Like real checkpoints (e.g. Qwen pads 151665 tokens to 151936 logits): the model's
     vocabulary is wider than the tokenizer's; the padding ids must never be sampled."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -324,7 +342,7 @@ def test_model_dir_with_padded_vocab(smoke_cache, tmp_path):
     tok.save_pretrained(model_dir)
     model.save_pretrained(model_dir)
 
-    eng = LocalEngine(model_dir, seed=3)
+    eng = LocalEngine(model_dir, seed=3, runtime=engine.runtime)
     assert eng.name == "padded-model" and eng.is_smoke is False
     eng.start()
     assert eng.vocab_size == len(tok) + 123
@@ -365,13 +383,3 @@ def test_concurrent_generate_calls_complete_and_loop_stays_free(engine):
     for res, schema in zip(results, schemas, strict=True):
         _assert_valid(res, schema)
     assert ticks > 3  # the event loop kept running while the model worked in a thread
-
-
-def test_utf8_guard():
-    assert _utf8_tail("abc 漢字 é 🚀".encode()) == b""
-    assert _utf8_tail(b"ab\xf0\x9f\x9a") == b"\xf0\x9f\x9a"  # incomplete, may continue
-    assert _utf8_tail(b"\xed\xb0") is None  # surrogate
-    assert _utf8_tail(b"\xe0\x80") is None  # overlong
-    assert _utf8_tail(b"\xf4\x90") is None  # above U+10FFFF
-    assert _utf8_tail(b"\xc0") is None
-    assert _utf8_tail(b"a\x04b") is None  # raw control character: not allowed in a JSON string

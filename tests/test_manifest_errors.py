@@ -183,10 +183,32 @@ CASES = [
     case("max-inputs-zero", Set("concurrency.max_inputs", 0), key="concurrency.max_inputs",
          fragment="greater than or equal to 1", hint=None),
     # [cold_start]
-    case("cron-not-five-fields", Set("cold_start.keep_warm_schedule", "every 10 minutes"),
-         key="cold_start.keep_warm_schedule", fragment="not a cron schedule", hint="five fields"),
-    case("cron-six-fields", Set("cold_start.keep_warm_schedule", "0 */10 8-18 * * 1-5"),
-         key="cold_start.keep_warm_schedule", fragment="not a cron schedule"),
+    case("keep-warm-ping-is-gone", Set("cold_start.keep_warm_schedule", "*/10 8-18 * * 1-5"),
+         key="cold_start.keep_warm_schedule", fragment="races", hint="[scaling.business_hours]"),
+    case("queue-is-gone", Set("concurrency.queue", 32), key="concurrency.queue",
+         fragment="never receives more than max_inputs", hint="max_containers"),
+    case("hours-without-timezone", Set("scaling.business_hours", {"start": "08:00", "end": "18:00"}),
+         key="scaling.business_hours.timezone", fragment="is required", hint=None),
+    case("hours-unknown-timezone", Set("scaling.business_hours", {"start": "08:00", "end": "18:00",
+                                                                    "timezone": "Europe/Berlim"}),
+         key="scaling.business_hours.timezone", fragment="not an IANA time zone", hint="Europe/Berlin"),
+    case("hours-bad-time", Set("scaling.business_hours", {"start": "8am", "end": "18:00", "timezone": "UTC"}),
+         key="scaling.business_hours.start", fragment="not a time of day", hint="HH:MM"),
+    case("hours-bad-days", Set("scaling.business_hours", {"start": "08:00", "end": "18:00", "timezone": "UTC",
+                                                            "days": "mon-fri"}),
+         key="scaling.business_hours.days", fragment="not a cron day-of-week field", hint="1-5"),
+    case("hours-above-max-containers", Set("scaling.business_hours", {"start": "08:00", "end": "18:00",
+                                                                        "timezone": "UTC", "min_containers": 5}),
+         key="scaling.business_hours.min_containers", fragment="above max_containers (4)"),
+    case("secret-keys-unknown-secret", Set("secrets.keys", {"hugginface": ["HF_TOKEN"]}), key="secrets.keys.hugginface",
+         fragment="not a Secret of `names`", hint="secrets.names"),
+    case("secret-keys-bad-key", Set("secrets.keys", {"huggingface": ["hf-token"]}), key="secrets.keys.huggingface[0]",
+         fragment="not an environment variable name", hint="UPPER_SNAKE_CASE"),
+    case("uv-trailing-newline", Set("image.uv", "0.13.9\n"), key="image.uv", fragment="not a uv release",
+         hint="pin an exact release"),
+    case("web-suffix-invalid", Set("app.web_suffix", "Dev_Env"), key="app.web_suffix", fragment="not a web suffix"),
+    case("reasoning-parser-invalid", Set("model.reasoning_parser", "Qwen 3"), key="model.reasoning_parser",
+         fragment="not a vLLM reasoning parser name"),
     case("compile-cache-without-volume", Delete("volumes.compile_cache"), key="cold_start.compile_cache",
          fragment="needs a volume", hint="[volumes.compile_cache]"),
     # [decoding]
@@ -196,9 +218,9 @@ CASES = [
          fragment="'xgrammar'", hint=None),
     # [[endpoints]]
     case("endpoint-duplicate-generate", Set("endpoints.1.kind", "generate"), key="endpoints[2].label",
-         fragment="label `generate` is used by endpoints[1] and endpoints[2]", hint="its own URL"),
-    case("endpoint-duplicate-explicit-label", Set("endpoints.1.label", "generate"), key="endpoints[2].label",
-         fragment="label `generate` is used"),
+         fragment="label `test-app-generate` is used by endpoints[1] and endpoints[2]", hint="its own URL"),
+    case("endpoint-duplicate-explicit-label", Set("endpoints.1.label", "test-app-generate"), key="endpoints[2].label",
+         fragment="label `test-app-generate` is used"),
     case("endpoint-bad-label", Set("endpoints.2.label", "Generate_API"), key="endpoints[2].label",
          fragment="`Generate_API` is not a valid endpoint label", hint="lowercase"),
     case("endpoint-unknown-kind", Set("endpoints.2.kind", "chat"), key="endpoints[2].kind",
@@ -208,7 +230,7 @@ CASES = [
     case("endpoint-unknown-key", Set("endpoints.2.lable", "gen"), key="endpoints[2].lable",
          fragment="unknown key `lable`", hint="did you mean `label`?"),
     case("endpoint-bearer-without-secret", Delete("secrets.bearer"), key="endpoints[2].auth",
-         fragment="endpoint `generate` uses bearer auth but no secret", hint="secrets.bearer"),
+         fragment="endpoint `test-app-generate` uses bearer auth but no secret", hint="secrets.bearer"),
     case("endpoint-none-generates", Set("endpoints.2.kind", "warmup"), Set("endpoints.2.label", "warmup-2"),
          key="endpoints", fragment="nothing serves the model", hint='kind = "generate"'),
     case("endpoint-empty-list", Set("endpoints", []), key="endpoints", fragment="no endpoints",
@@ -437,7 +459,8 @@ def test_line_numbers_of_several_problems(tmp_path: Path) -> None:
     assert f"error: {path}:8: `compute.gpu[1]`: bad GPU count `9` for H100" in lines
     assert any(line.startswith(f"error: {path}:11: `image.pins.transformers`: ") for line in lines), err
     assert any(line.startswith(f"error: {path}:14: `scaling.scaledown_window`: ") for line in lines), err
-    assert any(line.startswith(f"error: {path}:22: `endpoints[2].label`: label `generate`") for line in lines), err
+    assert any(line.startswith(f"error: {path}:22: `endpoints[2].label`: label `lift-sys-inference-generate`")
+               for line in lines), err
     assert len(parse_problems(err)) == 4
 
 

@@ -47,9 +47,11 @@ def sink_manifest() -> dict[str, Any]:
     data["scaling"] = {"scaledown_window": 90, "timeout": 45, "startup_timeout": 1500, "min_containers": 2,
                        "buffer_containers": 0}
     data["concurrency"] = {"max_inputs": 8}
-    data["cold_start"] = {"snapshot": True, "compile_cache": False, "fast_download": False,
-                          "keep_warm_schedule": "*/5 * * * *"}
-    data["secrets"] = {"names": ["huggingface", "test-api-token"], "bearer": "test-api-token"}
+    data["scaling"]["business_hours"] = {"days": "1-6", "start": "07:30", "end": "19:00",
+                                         "timezone": "America/New_York", "min_containers": 3, "buffer_containers": 1}
+    data["cold_start"] = {"snapshot": True, "compile_cache": False, "fast_download": False}
+    data["secrets"] = {"names": ["huggingface", "test-api-token"], "bearer": "test-api-token",
+                       "keys": {"huggingface": ["HF_TOKEN"], "test-api-token": ["OTHER_KEY"]}}
     data["endpoints"] = [
         {"kind": "health", "auth": "bearer", "label": "status"},
         {"kind": "generate", "auth": "proxy"},
@@ -171,7 +173,7 @@ def test_manifest_values_are_literals_in_the_code(name: str, env: str | None) ->
     version_constant = "SGLANG_VERSION" if sglang else "VLLM_VERSION"
     for constant, expected in [("APP_NAME", m.app.name), ("MODEL_NAME", m.model.id),
                                ("MODEL_REVISION", m.model.revision), (version_constant, m.engine_version),
-                               ("MAX_INPUTS", m.concurrency.max_inputs), ("QUEUE", m.concurrency.queue),
+                               ("MAX_INPUTS", m.concurrency.max_inputs),
                                ("MAX_TOKENS_LIMIT", m.decoding.max_tokens_limit),
                                ("DEFAULT_TEMPERATURE", m.decoding.temperature)]:
         assert isinstance(values[constant], ast.Constant), constant
@@ -194,7 +196,8 @@ def test_manifest_values_are_literals_in_the_code(name: str, env: str | None) ->
     assert sorted(a.value for a in install.args) == sorted(m.image.requirements())
     for call in _calls(tree, "from_name"):
         assert all(isinstance(a, ast.Constant) for a in call.args), ast.unparse(call)
-        assert all(isinstance(k.value, ast.Constant) for k in call.keywords), ast.unparse(call)
+        for keyword in call.keywords:  # a constant, or a list of them (required_keys)
+            assert ast.literal_eval(keyword.value) is not None, ast.unparse(call)
 
 
 def _shape(text: str) -> str:
@@ -272,6 +275,8 @@ def _expected(loaded: Loaded) -> dict[str, Any]:
         volumes[m.volumes.compile_cache.mount] = {"name": m.volumes.compile_cache.name,
                                                   "create_if_missing": m.volumes.compile_cache.create_if_missing}
     secrets = list(dict.fromkeys([*m.secrets.names, *([m.secrets.bearer] if m.secrets.bearer else [])]))
+    keys = {name: list(m.secrets.keys.get(name, [])) + (["LIFTDEPLOY_API_TOKEN"] if name == m.secrets.bearer else [])
+            for name in secrets}
     return {
         "image": f"{m.engine.kind}_image",
         "gpu": m.gpu_chain(),
@@ -289,6 +294,7 @@ def _expected(loaded: Loaded) -> dict[str, Any]:
         "target_inputs": m.concurrency.target_inputs,
         "volumes": volumes,
         "secrets": secrets,
+        "secret_keys": keys,
         "schedule": None,
         "enable_memory_snapshot": m.cold_start.snapshot,
         "experimental_options": {"enable_gpu_snapshot": "True"} if m.cold_start.snapshot else {},
@@ -303,8 +309,9 @@ def _check_app(found: dict[str, Any], loaded: Loaded) -> None:
     health = [ep for ep in m.endpoints if ep.kind.value == "health"]
     on_gpu = [ep for ep in m.endpoints if ep.kind.value != "health"]
     expected_functions = {"Inference.*"} | {f"web_{ep.label.replace('-', '_')}" for ep in health}
-    if m.cold_start.keep_warm_schedule:
-        expected_functions.add("keep_warm")
+    hours = m.scaling.business_hours
+    if hours:
+        expected_functions |= {"business_hours_start", "business_hours_end"}
     assert set(found["functions"]) == expected_functions
     assert found["entrypoints"] == ["main"]
 
@@ -313,7 +320,9 @@ def _check_app(found: dict[str, Any], loaded: Loaded) -> None:
     inference = found["classes"]["Inference"]
     assert inference["is_modal_cls"] is True
     snap = m.cold_start.snapshot
-    assert (inference["enter_snap"], inference["enter"]) == ((["start_engine"], []) if snap else ([], ["start_engine"]))
+    # Modal's vLLM snapshot pattern: load, warm up and sleep before the snapshot; wake after the restore.
+    assert (inference["enter_snap"], inference["enter"]) == ((["start_and_sleep"], ["wake"]) if snap
+                                                             else ([], ["start_engine"]))
     webs = {name: method["webhook"] for name, method in inference["methods"].items() if method["webhook"]}
     assert webs == {f"web_{ep.label.replace('-', '_')}": {"label": ep.label, "type": "WEBHOOK_TYPE_ASGI_APP",
                                                           "requires_proxy_auth": ep.auth.value == "proxy"}
@@ -327,9 +336,13 @@ def _check_app(found: dict[str, Any], loaded: Loaded) -> None:
                                  "requires_proxy_auth": ep.auth.value == "proxy"}
         assert (fn["image"], fn["gpu"], fn["volumes"]) == ("web_image", None, {})
         assert fn["secrets"] == ([m.secrets.bearer] if ep.auth.value == "bearer" else [])
-    if m.cold_start.keep_warm_schedule:
-        keep = found["functions"]["keep_warm"]
-        assert (keep["schedule"], keep["image"], keep["gpu"]) == (m.cold_start.keep_warm_schedule, "web_image", None)
+        if ep.auth.value == "bearer":  # a Secret without the token fails the deploy, not every request
+            assert "LIFTDEPLOY_API_TOKEN" in fn["secret_keys"][m.secrets.bearer]
+    if hours:  # Modal's autoscaler on a schedule, in the manifest's time zone
+        start, end = found["functions"]["business_hours_start"], found["functions"]["business_hours_end"]
+        assert start["schedule"] == {"cron": hours.cron(hours.start), "timezone": hours.timezone}
+        assert end["schedule"] == {"cron": hours.cron(hours.end), "timezone": hours.timezone}
+        assert (start["image"], start["gpu"], end["image"], end["gpu"]) == ("web_image", None, "web_image", None)
 
     # Images: the pins, the web pins and the environment reach the Dockerfile commands.
     def installed(commands: list[str]) -> set[str]:
@@ -378,9 +391,13 @@ def test_examples_differ_where_their_manifests_do(inspected: dict[str, Any]) -> 
     assert (big["gpu"], big["scaledown_window"], big["startup_timeout"]) == (["A100-80GB", "H100"], 300, 900)
     assert (dev["gpu"], dev["scaledown_window"]) == (["A10G", "L4"], 120)
     assert inspected["qwen32b.toml@dev"]["app_name"] == "lift-sys-inference-dev"
-    generate = inspected["qwen32b.toml"]["classes"]["Inference"]["methods"]["web_generate"]["webhook"]
+    methods = inspected["qwen32b.toml"]["classes"]["Inference"]["methods"]
+    generate = methods["web_lift_sys_inference_generate"]["webhook"]
     assert generate["requires_proxy_auth"] is True  # auth defaults to Modal proxy auth
-    assert inspected["qwen32b.toml"]["functions"]["web_health"]["webhook"]["requires_proxy_auth"] is False
+    # default labels are `<app name>-<kind>`, as Modal labels its own: two apps never claim one URL
+    assert generate["label"] == "lift-sys-inference-generate"
+    health = inspected["qwen32b.toml"]["functions"]["web_lift_sys_inference_health"]["webhook"]
+    assert health["requires_proxy_auth"] is False
 
 
 def test_sink_declares_what_the_manifest_says(inspected: dict[str, Any], sink: Loaded) -> None:
@@ -393,9 +410,14 @@ def test_sink_declares_what_the_manifest_says(inspected: dict[str, Any], sink: L
     assert (inference["min_containers"], inference["buffer_containers"]) == (2, 0)
     assert inference["enable_memory_snapshot"] is True
     assert found["functions"]["web_status"]["secrets"] == ["test-api-token"]
-    assert found["functions"]["keep_warm"]["schedule"] == "*/5 * * * *"
+    assert found["functions"]["business_hours_start"]["schedule"] == {"cron": "30 7 * * 1-6",
+                                                                      "timezone": "America/New_York"}
+    assert found["functions"]["business_hours_end"]["schedule"] == {"cron": "0 19 * * 1-6",
+                                                                    "timezone": "America/New_York"}
+    assert inference["secret_keys"] == {"huggingface": ["HF_TOKEN"],
+                                        "test-api-token": ["OTHER_KEY", "LIFTDEPLOY_API_TOKEN"]}
     methods = found["classes"]["Inference"]["methods"]
-    assert methods["web_generate"]["webhook"]["requires_proxy_auth"] is True
+    assert methods["web_test_app_generate"]["webhook"]["requires_proxy_auth"] is True
     assert methods["web_v1"]["webhook"]["requires_proxy_auth"] is False
 
 

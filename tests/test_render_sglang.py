@@ -128,7 +128,7 @@ def test_module_imports_without_sglang_and_speaks_its_protocol() -> None:
 @pytest.mark.parametrize(
     ("changes", "message", "hint"),
     [
-        ({"decoding": {"backend": "auto"}}, "SGLang has no `auto` grammar backend", 'backend = "xgrammar"'),
+        ({"decoding": {"backend": "auto"}}, "input should be 'guidance' or 'xgrammar'", "decoding.backend"),
         ({"decoding": {"backend": "guidance"}, "image": {"pins": {"sglang[all]": "0.4.3"}}},
          "sglang 0.4.3 has no llguidance grammar backend", "pin a newer sglang"),
         ({"cold_start": {"snapshot": True}, "image": {"pins": {"sglang[all]": "0.4.1.post5"}},

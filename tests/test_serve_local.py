@@ -14,6 +14,16 @@ from liftdeploy.local.server import Credentials, LocalServer, build
 from liftdeploy.manifest import load
 from tests.conftest import DEPLOYMENTS
 
+# Where the local server answers each endpoint: /<label>, the label `<app name>-<kind>` by default.
+GENERATE_32B = "/lift-sys-inference-generate"
+HEALTH_32B = "/lift-sys-inference-health"
+WARMUP_32B = "/lift-sys-inference-warmup"
+GENERATE_Q3 = "/qwen3-structured-generate"
+OPENAI_Q3 = "/qwen3-structured-openai"
+GENERATE_CODER = "/lift-sys-coder-generate"
+HEALTH_CODER = "/lift-sys-coder-health"
+OPENAI_CODER = "/lift-sys-coder-openai"
+
 SHORT = {"type": "string", "maxLength": 12}
 SCHEMAS = {
     "nested": {
@@ -96,7 +106,7 @@ def qwen3(engine):
 def test_generate_matches_schema(qwen32b, name):
     server, auth = qwen32b
     schema = SCHEMAS[name]
-    response = httpx.post(f"{server.url}/generate", headers=auth, timeout=120,
+    response = httpx.post(f"{server.url}{GENERATE_32B}", headers=auth, timeout=120,
                           json={"prompt": f"Give me {name}", "schema": schema, "max_tokens": 400, "temperature": 0.7})
     assert response.status_code == 200, response.text
     body = response.json()
@@ -110,7 +120,7 @@ def test_generate_matches_schema(qwen32b, name):
 
 def test_cut_by_max_tokens_is_never_presented_as_valid(qwen32b):
     server, auth = qwen32b
-    body = httpx.post(f"{server.url}/generate", headers=auth, timeout=60,
+    body = httpx.post(f"{server.url}{GENERATE_32B}", headers=auth, timeout=60,
                       json={"prompt": "x", "schema": SCHEMAS["seeds-ir"], "max_tokens": 3}).json()
     assert body["finish_reason"] == "length"
     assert body["complete"] is False and body["ir_json"] is None
@@ -138,67 +148,62 @@ def test_cut_by_max_tokens_is_never_presented_as_valid(qwen32b):
 )
 def test_client_errors_are_4xx_never_500(qwen32b, payload, status, fragment):
     server, auth = qwen32b
-    response = httpx.post(f"{server.url}/generate", headers=auth, json=payload, timeout=60)
+    response = httpx.post(f"{server.url}{GENERATE_32B}", headers=auth, json=payload, timeout=60)
     assert response.status_code == status, response.text
     assert fragment in response.text
 
 
 def test_oversized_body_is_413(qwen32b):
     server, auth = qwen32b
-    response = httpx.post(f"{server.url}/generate", headers={**auth, "content-type": "application/json"},
+    response = httpx.post(f"{server.url}{GENERATE_32B}", headers={**auth, "content-type": "application/json"},
                           content=b'{"prompt": "' + b"x" * 1_100_000 + b'"}', timeout=60)
     assert response.status_code == 413
 
 
 def test_health_warmup_and_auth(qwen32b):
     server, auth = qwen32b
-    health = httpx.get(f"{server.url}/health").json()  # public: auth = "none" in the manifest
+    health = httpx.get(f"{server.url}{HEALTH_32B}").json()  # public: auth = "none" in the manifest
     assert health["status"] == "healthy" and health["smoke_model"] is True
     assert health["gpu"] == ["A100-80GB", "H100"]
-    assert httpx.get(f"{server.url}/warmup").status_code == 401
-    assert httpx.get(f"{server.url}/warmup", headers={**auth, "Modal-Secret": "wrong"}).status_code == 401
-    warm = httpx.get(f"{server.url}/warmup", headers=auth).json()
+    assert httpx.get(f"{server.url}{WARMUP_32B}").status_code == 401
+    assert httpx.get(f"{server.url}{WARMUP_32B}", headers={**auth, "Modal-Secret": "wrong"}).status_code == 401
+    warm = httpx.get(f"{server.url}{WARMUP_32B}", headers=auth).json()
     assert warm["model_loaded"] is True and warm["load_seconds"] > 0
-    assert httpx.post(f"{server.url}/generate", json={"prompt": "x", "schema": {}}).status_code == 401
+    assert httpx.post(f"{server.url}{GENERATE_32B}", json={"prompt": "x", "schema": {}}).status_code == 401
     assert httpx.get(f"{server.url}/nowhere").status_code == 404
 
 
 def test_bearer_auth(qwen3):
     server, auth = qwen3
     payload = {"prompt": "x", "schema": SCHEMAS["enum"], "max_tokens": 64}
-    assert httpx.post(f"{server.url}/generate", json=payload, timeout=60).status_code == 401
-    wrong = httpx.post(f"{server.url}/generate", json=payload, headers={"Authorization": "Bearer nope"}, timeout=60)
+    assert httpx.post(f"{server.url}{GENERATE_Q3}", json=payload, timeout=60).status_code == 401
+    wrong = httpx.post(f"{server.url}{GENERATE_Q3}", json=payload, headers={"Authorization": "Bearer nope"}, timeout=60)
     assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
-    assert httpx.post(f"{server.url}/generate", json=payload, headers=auth, timeout=60).status_code == 200
+    assert httpx.post(f"{server.url}{GENERATE_Q3}", json=payload, headers=auth, timeout=60).status_code == 200
 
 
 def test_model_still_loading_is_503_with_retry_after():
     engine = LocalEngine(None)  # never started: what a request meets while the model loads
     with LocalServer(build(load(DEPLOYMENTS / "qwen32b.toml"), engine, Credentials(None, "k", "s"))) as server:
-        response = httpx.post(f"{server.url}/generate", headers={"Modal-Key": "k", "Modal-Secret": "s"},
+        response = httpx.post(f"{server.url}{GENERATE_32B}", headers={"Modal-Key": "k", "Modal-Secret": "s"},
                               json={"prompt": "x", "schema": {"type": "object"}})
     assert response.status_code == 503
     assert response.headers["retry-after"] == "5"
 
 
-def test_openai_sdk_structured_output(qwen3):
+def test_openai_route_declines_the_transformers_engine(qwen3):
+    """The route is vLLM's own server: without vLLM it answers every call with a 400 naming the
+    vLLM engine, in OpenAI's error shape, so the SDK shows it (tests/test_openai_route.py serves it)."""
     openai = pytest.importorskip("openai")
     server, auth = qwen3
-    client = openai.OpenAI(base_url=f"{server.url}/openai/v1", api_key="t0ken-for-tests", max_retries=0)
-    assert [m.id for m in client.models.list()] == ["Qwen/Qwen3-8B"]
-    schema = SCHEMAS["bounded-integers"]
-    completion = client.chat.completions.create(
-        model="Qwen/Qwen3-8B",
-        messages=[{"role": "user", "content": "Two numbers, please."}],
-        response_format={"type": "json_schema", "json_schema": {"name": "numbers", "schema": schema}},
-        max_tokens=128,
-    )
-    choice = completion.choices[0]
-    assert choice.finish_reason == "stop"
-    jsonschema.validate(json.loads(choice.message.content), schema)
-    assert completion.usage.completion_tokens > 0
-    with pytest.raises(openai.AuthenticationError):
-        openai.OpenAI(base_url=f"{server.url}/openai/v1", api_key="wrong", max_retries=0).models.list()
+    client = openai.OpenAI(base_url=f"{server.url}{OPENAI_Q3}/v1", api_key="t0ken-for-tests", max_retries=0)
+    messages = [{"role": "user", "content": "x"}]
+    for call in (client.models.list, lambda: client.chat.completions.create(model="Qwen/Qwen3-8B", messages=messages)):
+        with pytest.raises(openai.BadRequestError, match="--engine vllm") as caught:
+            call()
+        assert caught.value.code == "vllm_engine_required"
+    with pytest.raises(openai.AuthenticationError):  # auth still comes first
+        openai.OpenAI(base_url=f"{server.url}{OPENAI_Q3}/v1", api_key="wrong", max_retries=0).models.list()
 
 
 # ## The SGLang deployment, on the CPU engine standing in for SGLang
@@ -215,24 +220,27 @@ def coder(engine):
 def test_sglang_module_generates_and_validates_like_the_vllm_one(coder):
     server, auth = coder
     schema = SCHEMAS["seeds-ir"]
-    answer = httpx.post(f"{server.url}/generate", json={"prompt": "add(a, b)", "schema": schema, "max_tokens": 256},
-                        headers=auth, timeout=120)
+    answer = httpx.post(f"{server.url}{GENERATE_CODER}", headers=auth, timeout=120,
+                        json={"prompt": "add(a, b)", "schema": schema, "max_tokens": 256})
     assert answer.status_code == 200, answer.text
     body = answer.json()
-    assert set(body) == {"ir_json", "complete", "text", "tokens_used", "generation_time_ms", "finish_reason", "model"}
+    assert set(body) == {"ir_json", "complete", "incomplete_reason", "text", "tokens_used", "attempts",
+                         "generation_time_ms", "finish_reason", "model"}
     if body["complete"]:
         jsonschema.validate(body["ir_json"], schema)
-    missing = httpx.post(f"{server.url}/generate", json={"prompt": "x"}, headers=auth, timeout=30)
+    missing = httpx.post(f"{server.url}{GENERATE_CODER}", json={"prompt": "x"}, headers=auth, timeout=30)
     assert missing.status_code == 422 and "schema" in missing.text
-    assert httpx.post(f"{server.url}/generate", json={"prompt": "x", "schema": {}}, timeout=30).status_code == 401
-    health = httpx.get(f"{server.url}/health", timeout=30).json()
-    assert health["backend"] == "SGLang 0.5.4.post3 with llguidance" and health["smoke_model"] is True
+    unauthorised = httpx.post(f"{server.url}{GENERATE_CODER}", json={"prompt": "x", "schema": {}}, timeout=30)
+    assert unauthorised.status_code == 401
+    health = httpx.get(f"{server.url}{HEALTH_CODER}", timeout=30).json()
+    assert health["backend"] == "SGLang 0.5.4.post3 with guidance" and health["smoke_model"] is True
 
 
 def test_sglang_module_openai_route(coder):
     openai = pytest.importorskip("openai")
     server, auth = coder
-    client = openai.OpenAI(base_url=f"{server.url}/openai/v1", api_key="unused", default_headers=auth, max_retries=0)
+    client = openai.OpenAI(base_url=f"{server.url}{OPENAI_CODER}/v1", api_key="unused", default_headers=auth,
+                           max_retries=0)
     assert [m.id for m in client.models.list()] == ["Qwen/Qwen3-Coder-30B-A3B-Instruct"]
     schema = SCHEMAS["enum"]
     completion = client.chat.completions.create(
@@ -269,7 +277,7 @@ def test_serve_local_says_which_engine_stands_in_for_sglang(tmp_path):
         assert "serving" in text, text
         assert ("engine: transformers + XGrammar on this CPU stand in for SGLang 0.5.4.post3 "
                 "(SGLang's server needs a CUDA GPU)") in text
-        health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=30)
+        health = httpx.get(f"http://127.0.0.1:{port}{HEALTH_CODER}", timeout=30)
         assert health.status_code == 200 and health.json()["model"] == "Qwen/Qwen3-Coder-30B-A3B-Instruct"
     finally:
         proc.terminate()

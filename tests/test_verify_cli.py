@@ -40,7 +40,7 @@ def test_warmup_and_smoke(server):
 def test_smoke_without_credentials_fails_cleanly(server):
     result = runner.invoke(app, ["smoke", server.url], env={"LIFTDEPLOY_PROXY_KEY": "", "LIFTDEPLOY_PROXY_SECRET": ""})
     assert result.exit_code == 1
-    assert "error: smoke test failed: warmup answered 401" in result.output
+    assert "error: smoke test failed: lift-sys-inference-warmup answered 401" in result.output
     assert "Traceback" not in result.output
 
 

@@ -37,10 +37,54 @@ print(json.dumps({{
     "class": type(args).__name__,
     "model": args.model,
     "guided_decoding_backend": getattr(args, "guided_decoding_backend", None),
+    "guided_compact": getattr(args, "guided_decoding_disable_any_whitespace", None),
     "structured_backend": getattr(config, "backend", None),
+    "structured_compact": getattr(config, "disable_any_whitespace", None),
     "structured_class": type(config).__name__ if config is not None else None,
+    "module_backend": module.BACKEND,
 }}))
 """
+# What the rendered pre-check (`VLLMEngine.prepare`) imports and calls on vLLM's V1 structured output
+# (0.9 and later): the names exist, take what it passes, and vLLM's own validators answer as it expects.
+PRECHECK_PROBE = """
+import dataclasses, importlib.util, inspect, json, sys
+spec = importlib.util.spec_from_file_location("rendered", {path!r})
+module = importlib.util.module_from_spec(spec); sys.modules["rendered"] = module; spec.loader.exec_module(module)
+from vllm.v1.structured_output.backend_guidance import GuidanceBackend, GuidanceGrammar, validate_guidance_grammar
+from vllm.v1.structured_output.backend_types import StructuredOutputOptions
+from vllm.v1.structured_output.backend_xgrammar import XgrammarBackend, XgrammarGrammar, validate_xgrammar_grammar
+
+def params(schema):
+    return module.sampling_params(schema, max_tokens=1, temperature=1.0, top_p=1.0)
+
+def refusal(check, schema, **kwargs):
+    try:
+        check(params(schema), **kwargs)
+    except Exception as exc:
+        return str(exc).splitlines()[0][:200] or type(exc).__name__
+    return None
+
+one_of = {{"type": "object", "properties": {{"v": {{"oneOf": [{{"type": "integer"}}, {{"type": "boolean"}}]}}}}}}
+print(json.dumps({{
+    "backend_fields": [f.name for f in dataclasses.fields(GuidanceBackend)][:3],
+    "xgrammar_fields": [f.name for f in dataclasses.fields(XgrammarBackend)][:3],
+    "compile_params": list(inspect.signature(GuidanceBackend.compile_grammar).parameters)[1:3],
+    "allocate_params": list(inspect.signature(GuidanceBackend.allocate_token_bitmask).parameters)[1:],
+    "fill_params": [list(inspect.signature(g.fill_bitmask).parameters)[1:] for g in (GuidanceGrammar, XgrammarGrammar)],
+    "ll_matcher": "ll_matcher" in {{f.name for f in dataclasses.fields(GuidanceGrammar)}},
+    "ll_tokenizer": "ll_tokenizer" in inspect.getsource(GuidanceBackend),
+    "json_option": StructuredOutputOptions.JSON.name,
+    "xgrammar_plain": refusal(validate_xgrammar_grammar, {schema}),
+    "xgrammar_unknown_format": refusal(validate_xgrammar_grammar, {{"type": "string", "format": "byte"}}),
+    "xgrammar_bounded_rewritten": refusal(validate_xgrammar_grammar,
+                                          module.xgrammar_safe({{"type": "string", "maxLength": 5}})),
+    "guidance_plain": refusal(validate_guidance_grammar, {schema}, tokenizer=None),
+    "guidance_one_of": refusal(validate_guidance_grammar, one_of, tokenizer=None),
+    "guidance_one_of_lenient": refusal(validate_guidance_grammar, module.guidance_schema(one_of, lenient=True),
+                                       tokenizer=None),
+}}))
+"""
+V1 = ("0.9.2", "0.11.0", "0.32.0")
 
 
 def rendered(tmp: Path, name: str, pins: str | None) -> Path:
@@ -67,7 +111,9 @@ def probes(tmp_path_factory):
         params = sampling_params_probe(version, module, SCHEMA, max_tokens=64, temperature=0.3, top_p=0.95,
                                        timeout=300)
         engine = run_with_vllm(version, ENGINE_PROBE.format(path=str(module)), timeout=300)
-        return case, (params, engine)
+        precheck = run_with_vllm(version, PRECHECK_PROBE.format(path=str(module), schema=SCHEMA), timeout=300) \
+            if version in V1 else None
+        return case, (params, engine, precheck)
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         return dict(pool.map(probe, CASES.items()))
@@ -76,7 +122,7 @@ def probes(tmp_path_factory):
 @pytest.mark.parametrize("case", list(CASES))
 def test_sampling_params_carry_the_schema(probes, case):
     field = CASES[case][3]
-    params, _ = probes[case]
+    params, _, _ = probes[case]
     assert params["class"].endswith(".SamplingParams")
     assert params["carried_by"] == field
     assert params["schema"] == SCHEMA
@@ -85,13 +131,33 @@ def test_sampling_params_carry_the_schema(probes, case):
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_engine_args_ask_for_xgrammar(probes, case):
-    field = CASES[case][3]
-    _, engine = probes[case]
+def test_engine_args_ask_for_the_backend_and_compact_json(probes, case):
+    field, version = CASES[case][3], CASES[case][2]
+    _, engine, _ = probes[case]
     assert engine["class"] == "AsyncEngineArgs"
     assert engine["model"].startswith("Qwen/")
+    backend = "guidance" if version in V1 else "xgrammar"  # the default: guidance where vLLM has it
+    assert engine["module_backend"] == backend
     if field == "guided_decoding":
-        assert engine["guided_decoding_backend"] == "xgrammar", json.dumps(engine)
+        assert engine["guided_decoding_backend"] == backend, json.dumps(engine)
+        # compact JSON, in the 0.9.x form (the engine argument); 0.6.5 has no way to ask for it
+        assert engine["guided_compact"] is (True if version in V1 else None), json.dumps(engine)
     else:
         assert engine["structured_class"] == "StructuredOutputsConfig", json.dumps(engine)
-        assert engine["structured_backend"] == "xgrammar"
+        assert engine["structured_backend"] == backend
+        assert engine["structured_compact"] is True
+
+
+@pytest.mark.parametrize("case", [case for case, spec in CASES.items() if spec[2] in V1])
+def test_the_precheck_calls_vllms_own_structured_output_code(probes, case):
+    _, _, precheck = probes[case]
+    assert precheck["backend_fields"] == ["vllm_config", "tokenizer", "vocab_size"] == precheck["xgrammar_fields"]
+    assert precheck["compile_params"] == ["request_type", "grammar_spec"]
+    assert precheck["allocate_params"] == ["max_num_seqs"]
+    assert precheck["fill_params"] == [["bitmask", "idx"]] * 2
+    assert precheck["ll_matcher"] and precheck["ll_tokenizer"] and precheck["json_option"] == "JSON"
+    assert precheck["xgrammar_plain"] is None and precheck["guidance_plain"] is None
+    assert "byte" in precheck["xgrammar_unknown_format"]  # refusals carry vLLM's reason
+    assert precheck["xgrammar_bounded_rewritten"] is None  # the rewrite for xgrammar#800 is accepted
+    assert "oneOf" in precheck["guidance_one_of"]  # llguidance refuses it as it is...
+    assert precheck["guidance_one_of_lenient"] is None  # ...and takes the lenient form the pre-check sends

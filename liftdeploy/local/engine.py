@@ -1,16 +1,18 @@
-"""A CPU engine with the same interface as the rendered vLLM engine.
+"""A CPU stand-in for the rendered vLLM engine: transformers + the same structured-output backend.
 
-Generation is a hand-written decode loop (transformers model forward with a KV cache) in which
-an :class:`xgrammar.GrammarMatcher` fills a token bitmask before every sampling step, so the
-output is constrained to the JSON schema's grammar. Writing the loop ourselves (rather than
-``model.generate`` with ``xgr.contrib.hf.LogitsProcessor``) lets the engine report
-``finish_reason`` exactly like vLLM does:
+Generation is a hand-written decode loop (transformers model forward with a KV cache). Before
+every sampling step the backend vLLM runs for this deployment, XGrammar or llguidance, fills a
+token bitmask from the request's grammar, built the way vLLM's V1 backends build it (same
+whitespace setting, same separators). The mask is applied with XGrammar's kernel, as vLLM does
+for both backends. Nothing else is masked: the stand-in may not hide a defect of the deployed
+engine. It reports ``finish_reason`` as vLLM does:
 
-* ``"stop"``   -- a stop token (EOS) was sampled; with a schema this only becomes possible once
-  the grammar has completed, so the text is then a complete JSON document;
+* ``"stop"``   -- a stop token (EOS) was sampled; with a schema only possible once the grammar
+  allows it;
 * ``"length"`` -- ``max_tokens`` tokens were generated (or the context window was filled) first.
 
 As in vLLM, the stop token counts towards ``completion_tokens`` but is not part of ``text``.
+Cancelling ``generate`` aborts the generation at its next step.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import copy
 import json
 import re
 import threading
@@ -33,12 +36,14 @@ _GRAMMAR_CACHE_SIZE = 128
 # to inf, softmax to NaN, and fail the request with a 503.
 _SAMPLING_EPS = 1e-5
 
-
 class LocalEngine:
-    """Schema-constrained JSON generation on CPU (transformers + XGrammar).
+    """Schema-constrained JSON generation on CPU (transformers + XGrammar or llguidance).
 
     ``model_path`` is a local Hugging Face model directory; ``None`` serves the built-in tiny
-    smoke model of ``family`` (see :func:`liftdeploy.local.smoke.smoke_model_dir`).
+    smoke model of ``family`` (see :func:`liftdeploy.local.smoke.smoke_model_dir`). ``runtime`` is
+    the rendered module whose engine this stands in for (or see :meth:`for_module`): its BACKEND,
+    COMPACT_JSON, CHAT_TEMPLATE_KWARGS and schema rewrites are used as they are. Without one the
+    engine generates unconstrained text only.
     """
 
     def __init__(
@@ -48,6 +53,7 @@ class LocalEngine:
         max_model_len: int = 4096,
         seed: int = 0,
         family: str = "qwen2",
+        runtime: Any = None,
     ) -> None:
         from liftdeploy.local.smoke import _normalize_family, is_smoke_model_dir
 
@@ -55,6 +61,8 @@ class LocalEngine:
         self.max_model_len = int(max_model_len)
         self.seed = int(seed)
         self.family = _normalize_family(family)
+        self.runtime = runtime
+        self.backend: str | None = runtime.BACKEND if runtime is not None else None
         if self.model_path is None:
             self.name = f"smoke:{self.family}"
             self.is_smoke = True
@@ -62,29 +70,29 @@ class LocalEngine:
             self.name = self.model_path.name or str(self.model_path)
             self.is_smoke = is_smoke_model_dir(self.model_path)
         self.ready = False
+        self.dead = False
         self.load_seconds: float | None = None
+        self.schemas: Any = None  # the rendered module's SchemaGate, set by whoever serves the apps
 
         self.tokenizer: Any = None
         self.model: Any = None
         self.vocab_size: int | None = None
         self.stop_token_ids: list[int] = []
-        self._tokenizer_info: Any = None
-        self._byte_guard: _ByteGuard | None = None
-        self._compiler: Any = None
+        self._compilers: dict[str, Any] = {}  # by backend: xgrammar.GrammarCompiler, or llguidance's tokenizer
         self._grammars: collections.OrderedDict[str, Any] = collections.OrderedDict()
         self._grammar_lock = threading.Lock()
         self._start_lock = threading.Lock()
         self._generate_lock = threading.Lock()  # one generation at a time on the model
+        self._running = 0
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        """Load tokenizer and model on CPU and build the XGrammar compiler (idempotent)."""
+        """Load tokenizer and model on CPU and build the grammar compiler (idempotent)."""
         with self._start_lock:
             if self.ready:
                 return
             t0 = time.perf_counter()
             import torch
-            import xgrammar as xgr
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
             from liftdeploy.local.smoke import quiet_progress_bars, smoke_model_dir
@@ -109,13 +117,6 @@ class LocalEngine:
                         stop_ids.append(int(i))
             if not stop_ids:
                 raise RuntimeError(f"model {path} defines no eos token; cannot detect the end of generation")
-
-            info = xgr.TokenizerInfo.from_huggingface(
-                tokenizer, vocab_size=vocab_size, stop_token_ids=stop_ids
-            )
-            self._tokenizer_info = info
-            self._byte_guard = _ByteGuard(info.decoded_vocab, vocab_size, stop_ids)
-            self._compiler = xgr.GrammarCompiler(info, max_threads=1)
             self.tokenizer = tokenizer
             self.model = model
             self.vocab_size = vocab_size
@@ -124,18 +125,42 @@ class LocalEngine:
             self.load_seconds = time.perf_counter() - t0
             self.ready = True
 
-    # ------------------------------------------------------------------ schemas
-    def check_schema(self, schema: dict) -> None:
-        """Raise ``ValueError`` if ``schema`` is not a valid JSON Schema or cannot be compiled."""
-        self._compiled_grammar(schema)
+    def stop(self) -> None:
+        self.ready = False
 
-    def _compiled_grammar(self, schema: dict) -> Any:
+    def for_module(self, module: Any) -> LocalEngine:
+        """This engine (the same loaded model) standing in for `module`'s own: its backend, its
+        whitespace, its schema rewrites and its chat-template arguments."""
+        twin = copy.copy(self)
+        twin.runtime, twin.backend, twin.schemas = module, module.BACKEND, None
+        return twin
+
+    @property
+    def _compiler(self) -> Any:
+        backend = self.backend or "xgrammar"  # unbound: only unconstrained text, never compiled
+        if backend not in self._compilers:
+            self._compilers[backend] = _build_compiler(backend, self.tokenizer, self.vocab_size)
+        return self._compilers[backend]
+
+    def running(self) -> int:
+        """Generations in progress (or waiting for the model)."""
+        return self._running
+
+    # ------------------------------------------------------------------ schemas
+    def prepare(self, schema: dict) -> dict:
+        """The schema to constrain with, after the rendered module's rewrites for this backend;
+        ``ValueError`` when the schema is invalid or the backend cannot compile it."""
+        return self._compiled(schema)[0]
+
+    check_schema = prepare
+
+    def _compiled(self, schema: dict) -> tuple[dict, Any]:
+        """(the schema constrained to, its compiled grammar), from a bounded LRU."""
+        if self.runtime is None:
+            raise RuntimeError("a schema needs the rendered module's decoding settings: LocalEngine.for_module(module)")
         if not isinstance(schema, dict):
             raise ValueError(f"schema must be a JSON object, not {type(schema).__name__}")  # noqa: TRY004
-        try:
-            key = json.dumps(schema, sort_keys=True)
-        except (TypeError, ValueError, RecursionError) as exc:
-            raise ValueError(f"schema is not JSON-serialisable: {exc}") from exc
+        key = f"{self.backend} {self.runtime.COMPACT_JSON} {_key(schema)}"
         with self._grammar_lock:
             cached = self._grammars.get(key)
             if cached is not None:
@@ -151,20 +176,59 @@ class LocalEngine:
             raise ValueError("schema nests too deeply to be checked") from None
         if not self.ready:
             self.start()
-        try:
-            compiled = self._compiler.compile_json_schema(key, any_whitespace=False, strict_mode=True)
+        if self.backend == "guidance":
+            constrained, compiled = self._guidance(schema)
+        else:
+            constrained = self.runtime.xgrammar_safe(schema)
+            compiled = self._xgrammar(constrained)
+        if not _allows_a_first_token(self.backend, compiled, self._compiler, self.vocab_size):
+            raise ValueError("the schema admits no JSON value (no token can start one)")  # e.g. {"$ref": "#"}
+        with self._grammar_lock:
+            self._grammars[key] = (constrained, compiled)
+            self._grammars.move_to_end(key)
+            while len(self._grammars) > _GRAMMAR_CACHE_SIZE:
+                self._grammars.popitem(last=False)
+        return constrained, compiled
+
+    def _xgrammar(self, schema: dict) -> Any:
+        compact = self.runtime.COMPACT_JSON
+        try:  # as vLLM's XgrammarBackend.compile_grammar
+            return self._compiler.compile_json_schema(
+                json.dumps(schema), any_whitespace=not compact, separators=(",", ":") if compact else None
+            )
         except Exception as exc:  # xgrammar raises RuntimeError / InvalidJSONError subclasses
             # drop the C++ location prefix: "[13:42:54] /project/cpp/json_schema_converter.cc:4950: "
             why = re.sub(r"^\[[\d:]+\]\s+\S+:\d+:\s*", "", str(exc).strip())
             raise ValueError(f"XGrammar cannot compile the schema: {why}") from exc
-        if not _allows_a_first_token(compiled, self.vocab_size):  # e.g. {"$ref": "#"}: nothing to start with
-            raise ValueError("the schema admits no JSON value (no token can start one)")
-        with self._grammar_lock:
-            self._grammars[key] = compiled
-            self._grammars.move_to_end(key)
-            while len(self._grammars) > _GRAMMAR_CACHE_SIZE:
-                self._grammars.popitem(last=False)
-        return compiled
+
+    def _guidance(self, schema: dict) -> tuple[dict, str]:
+        """llguidance's grammar, as vLLM's GuidanceBackend serializes it; a schema only XGrammar
+        takes is served leniently, as the rendered pre-check does."""
+        import llguidance
+
+        def grammar(spec: dict) -> tuple[str, str]:
+            try:
+                text = llguidance.LLMatcher.grammar_from_json_schema(
+                    spec, defaults={"whitespace_flexible": not self.runtime.COMPACT_JSON}
+                )
+            except (ValueError, KeyError, TypeError) as exc:
+                return "", str(exc)
+            return text, llguidance.LLMatcher.validate_grammar(text, self._compiler)
+
+        constrained = self.runtime.guidance_schema(schema)
+        text, error = grammar(constrained)
+        if error:
+            import xgrammar
+
+            try:
+                xgrammar.Grammar.from_json_schema(json.dumps(schema))
+            except Exception:
+                raise ValueError(f"guidance cannot compile the schema: {error.splitlines()[0][:400]}") from None
+            constrained = self.runtime.guidance_schema(schema, lenient=True)
+            text, error = grammar(constrained)
+            if error:
+                raise ValueError(f"guidance cannot compile the schema: {error.splitlines()[0][:400]}")
+        return constrained, text
 
     # ------------------------------------------------------------------ generation
     async def generate(
@@ -178,16 +242,30 @@ class LocalEngine:
     ) -> dict:
         """Generate a completion for ``messages``, constrained to ``schema`` when given.
 
-        Returns ``{"text", "prompt_tokens", "completion_tokens", "finish_reason"}``.
+        Returns ``{"text", "prompt_tokens", "completion_tokens", "finish_reason"}``. Cancelling
+        the caller aborts the generation.
         """
-        return await asyncio.to_thread(
-            self._generate_blocking, messages, schema, max_tokens, temperature, top_p
-        )
+        cancelled = threading.Event()
+        self._running += 1
+        job = asyncio.ensure_future(asyncio.to_thread(
+            self._generate_blocking, messages, schema, max_tokens, temperature, top_p, cancelled
+        ))
+        try:
+            return await asyncio.shield(job)
+        except asyncio.CancelledError:
+            cancelled.set()  # the loop stops at its next step
+            raise
+        finally:
+            job.add_done_callback(lambda _: self._release())
+
+    def _release(self) -> None:
+        self._running -= 1
 
     def _prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
         tok = self.tokenizer
         if getattr(tok, "chat_template", None):
-            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            kwargs = self.runtime.CHAT_TEMPLATE_KWARGS if self.runtime is not None else {}
+            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
             return list(tok(text, add_special_tokens=False)["input_ids"])
         # A base model without a chat template: plain "role: content" lines.
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
@@ -200,6 +278,7 @@ class LocalEngine:
         max_tokens: int,
         temperature: float,
         top_p: float,
+        cancelled: threading.Event,
     ) -> dict:
         import torch
         import xgrammar as xgr
@@ -212,7 +291,7 @@ class LocalEngine:
             raise ValueError("temperature must be >= 0")
         if not 0 < top_p <= 1:
             raise ValueError("top_p must be in (0, 1]")
-        compiled = self._compiled_grammar(schema) if schema is not None else None
+        compiled = self._compiled(schema)[1] if schema is not None else None
         prompt_ids = self._prompt_ids(messages)
         n_prompt = len(prompt_ids)
         if n_prompt >= self.max_model_len:
@@ -220,9 +299,8 @@ class LocalEngine:
         budget = min(int(max_tokens), self.max_model_len - n_prompt)
 
         with self._generate_lock, torch.inference_mode(), _torch_threads(1 if self.is_smoke else None):
-            matcher = xgr.GrammarMatcher(compiled) if compiled is not None else None
+            matcher = _matcher(self.backend, compiled, self._compiler) if compiled is not None else None
             bitmask = xgr.allocate_token_bitmask(1, self.vocab_size) if matcher is not None else None
-            guard = self._byte_guard.session()
             generator = torch.Generator().manual_seed(self.seed)
             stop_ids = set(self.stop_token_ids)
             out_ids: list[int] = []
@@ -230,6 +308,9 @@ class LocalEngine:
             past = None
             next_input = torch.tensor([prompt_ids], dtype=torch.long)
             for _ in range(budget):
+                if cancelled.is_set():
+                    finish_reason = "abort"
+                    break
                 out = self.model(input_ids=next_input, past_key_values=past, use_cache=True)
                 past = out.past_key_values
                 logits = out.logits[:, -1, :].float()
@@ -237,21 +318,17 @@ class LocalEngine:
                     pad = torch.full((1, self.vocab_size - logits.shape[-1]), float("-inf"))
                     logits = torch.cat([logits, pad], dim=-1)
                 if matcher is not None:
-                    matcher.fill_next_token_bitmask(bitmask)
+                    matcher.fill(bitmask)
                     xgr.apply_token_bitmask_inplace(logits, bitmask)
                     if not torch.isfinite(logits).any():  # a dead end of the schema, not an engine failure
                         so_far = self.tokenizer.decode(out_ids, skip_special_tokens=True)
                         raise ValueError(f"the schema admits no continuation of {so_far[-80:]!r}")
-                    guarded = logits[0].masked_fill(guard.disallowed(), float("-inf"))
-                    if torch.isfinite(guarded).any():  # never stricter than the grammar itself
-                        logits[0] = guarded
                 token = _sample(logits[0], temperature, top_p, generator)
-                if matcher is not None:
-                    if not matcher.accept_token(token):
-                        raise RuntimeError(f"grammar matcher rejected token {token} it allowed")
-                    guard.accept(token)
+                if matcher is not None and not matcher.accept(token):  # vLLM ends the request with an error
+                    raise ValueError("the grammar rejected a token its own mask allowed: the schema cannot be "
+                                     "followed (e.g. a property that must contain itself)")
                 out_ids.append(token)
-                if token in stop_ids or (matcher is not None and matcher.is_terminated()):
+                if token in stop_ids or (matcher is not None and matcher.terminated()):
                     finish_reason = "stop"
                     break
                 next_input = torch.tensor([[token]], dtype=torch.long)
@@ -266,20 +343,79 @@ class LocalEngine:
         }
 
 
-def _allows_a_first_token(compiled: Any, vocab_size: int) -> bool:
+def _key(schema: dict) -> str:
+    try:
+        return json.dumps(schema, sort_keys=True)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise ValueError(f"schema is not JSON-serialisable: {exc}") from exc
+
+
+def _build_compiler(backend: str, tokenizer: Any, vocab_size: int) -> Any:
+    """What compiles grammars for ``backend``, built as vLLM's V1 backend builds it."""
+    if backend == "guidance":
+        import llguidance.hf
+
+        return llguidance.hf.from_tokenizer(tokenizer, max(vocab_size, len(tokenizer)))
+    import xgrammar as xgr
+
+    info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
+    return xgr.GrammarCompiler(info, max_threads=1)
+
+
+class _XgrammarMatcher:
+    def __init__(self, compiled: Any) -> None:
+        import xgrammar as xgr
+
+        self.matcher = xgr.GrammarMatcher(compiled)
+
+    def fill(self, bitmask: Any) -> None:
+        self.matcher.fill_next_token_bitmask(bitmask)
+
+    def accept(self, token: int) -> bool:
+        return bool(self.matcher.accept_token(token))
+
+    def terminated(self) -> bool:
+        return bool(self.matcher.is_terminated())
+
+
+class _GuidanceMatcher:
+    def __init__(self, grammar: str, tokenizer: Any) -> None:
+        import llguidance
+
+        self.matcher = llguidance.LLMatcher(tokenizer, grammar)
+
+    def fill(self, bitmask: Any) -> None:
+        import llguidance.torch
+
+        llguidance.torch.fill_next_token_bitmask(self.matcher, bitmask, 0)
+
+    def accept(self, token: int) -> bool:
+        return bool(self.matcher.consume_token(token))
+
+    def terminated(self) -> bool:
+        return False  # vLLM's guidance backend ends at the stop token the mask then forces
+
+
+def _matcher(backend: str, compiled: Any, compiler: Any) -> Any:
+    return _GuidanceMatcher(compiled, compiler) if backend == "guidance" else _XgrammarMatcher(compiled)
+
+
+def _allows_a_first_token(backend: str, compiled: Any, compiler: Any, vocab_size: int) -> bool:
     """Whether a generation constrained to ``compiled`` can emit anything at all."""
     import xgrammar as xgr
 
-    matcher = xgr.GrammarMatcher(compiled)
+    matcher = _matcher(backend, compiled, compiler)
     bitmask = xgr.allocate_token_bitmask(1, vocab_size)
-    matcher.fill_next_token_bitmask(bitmask)
-    return bool((bitmask != 0).any()) or matcher.is_terminated()
+    matcher.fill(bitmask)
+    if backend == "guidance" and matcher.matcher.get_error():  # llguidance: an error state, not an exception
+        return False
+    return bool((bitmask != 0).any()) or matcher.terminated()
 
 
 @contextlib.contextmanager
 def _torch_threads(n: int | None):
-    """Temporarily use ``n`` intra-op threads. The smoke model (hidden size 64) only loses from
-    thread hand-offs: one thread is ~10x faster per step than two on a busy 2-core machine."""
+    """Temporarily use ``n`` intra-op threads. The smoke model (hidden size 128) only loses from
+    thread hand-offs: one thread is much faster per step than two on a busy 2-core machine."""
     import torch
 
     if n is None or torch.get_num_threads() == n:
@@ -312,121 +448,3 @@ def _sample(logits: Any, temperature: float, top_p: float, generator: Any) -> in
         filtered[sorted_idx[keep]] = sorted_probs[keep]
         probs = filtered
     return int(torch.multinomial(probs, 1, generator=generator).item())
-
-
-class _ByteGuard:
-    r"""Extra token masks applied under a schema, on top of XGrammar's bitmask.
-
-    XGrammar 0.2.8 compiles length-bounded JSON strings (``maxLength``/``minLength``) to the
-    character class ``[^"\\\r\n]{m,n}``, which (a) admits raw control characters U+0000-U+001F
-    that JSON forbids unescaped, and (b) accepts byte sequences that are not valid UTF-8 (e.g. the
-    surrogate ``\xed\xb0\xa9``), which decode to U+FFFD and break ``maxLength``. Compact JSON
-    (``any_whitespace=False``) never needs a raw control byte and valid output is valid UTF-8, so
-    these masks only remove tokens that cannot lead to a valid document.
-    """
-
-    _TAIL_CACHE = 256
-
-    def __init__(self, decoded_vocab: list[bytes], vocab_size: int, stop_ids: list[int]) -> None:
-        import torch
-
-        self.vocab: list[bytes] = list(decoded_vocab[:vocab_size]) + [b""] * max(
-            0, vocab_size - len(decoded_vocab)
-        )
-        self.vocab_size = vocab_size
-        stops = set(stop_ids)
-        bad = torch.zeros(vocab_size, dtype=torch.bool)
-        # tokens beginning with a UTF-8 continuation byte: the only candidates after a partial char
-        self.continuations: list[int] = []
-        for i, raw in enumerate(self.vocab):
-            if i in stops:
-                continue
-            if not raw or not _valid_utf8_prefix(b"", raw):
-                bad[i] = True
-            if raw and 0x80 <= raw[0] <= 0xBF:
-                self.continuations.append(i)
-        self.bad_at_boundary = bad
-        self._tail_masks: collections.OrderedDict[bytes, Any] = collections.OrderedDict()
-        self._lock = threading.Lock()
-
-    def disallowed_after(self, tail: bytes) -> Any:
-        """Mask of tokens that cannot follow the incomplete UTF-8 sequence ``tail``."""
-        import torch
-
-        if not tail:
-            return self.bad_at_boundary
-        with self._lock:
-            mask = self._tail_masks.get(tail)
-            if mask is not None:
-                self._tail_masks.move_to_end(tail)
-                return mask
-        mask = torch.ones(self.vocab_size, dtype=torch.bool)
-        for i in self.continuations:
-            if _valid_utf8_prefix(tail, self.vocab[i]):
-                mask[i] = False
-        with self._lock:
-            self._tail_masks[tail] = mask
-            while len(self._tail_masks) > self._TAIL_CACHE:
-                self._tail_masks.popitem(last=False)
-        return mask
-
-    def session(self) -> _ByteGuardSession:
-        return _ByteGuardSession(self)
-
-
-class _ByteGuardSession:
-    """Tracks the incomplete trailing UTF-8 bytes of one generation."""
-
-    def __init__(self, guard: _ByteGuard) -> None:
-        self.guard = guard
-        self.tail = b""
-
-    def disallowed(self) -> Any:
-        return self.guard.disallowed_after(self.tail)
-
-    def accept(self, token: int) -> None:
-        tail = _utf8_tail(self.tail + self.guard.vocab[token])
-        self.tail = tail if tail is not None else b""  # None only via the grammar-only fallback
-
-
-def _valid_utf8_prefix(tail: bytes, raw: bytes) -> bool:
-    """True if ``tail + raw`` is valid UTF-8 (possibly ending mid-character) without control chars."""
-    return _utf8_tail(tail + raw) is not None
-
-
-def _utf8_tail(data: bytes) -> bytes | None:
-    """Validate ``data`` as a UTF-8 prefix (Unicode Table 3-7: no overlongs, surrogates or
-    code points above U+10FFFF) with no C0 control characters; return its incomplete trailing
-    sequence (``b""`` if it ends on a character boundary), or None if it is invalid.
-    Python's incremental decoder is not used: it buffers e.g. ``b"\\xed\\xb0"`` without
-    noticing that no valid character can start that way.
-    """
-    need, lo, hi, start = 0, 0x80, 0xBF, 0
-    for idx, b in enumerate(data):
-        if need:
-            if not lo <= b <= hi:
-                return None
-            need, lo, hi = need - 1, 0x80, 0xBF
-            continue
-        if b < 0x80:
-            if b < 0x20:
-                return None
-            continue
-        start = idx
-        if 0xC2 <= b <= 0xDF:
-            need = 1
-        elif b == 0xE0:
-            need, lo = 2, 0xA0
-        elif b == 0xED:
-            need, hi = 2, 0x9F
-        elif 0xE1 <= b <= 0xEF:
-            need = 2
-        elif b == 0xF0:
-            need, lo = 3, 0x90
-        elif b == 0xF4:
-            need, hi = 3, 0x8F
-        elif 0xF1 <= b <= 0xF3:
-            need = 3
-        else:
-            return None
-    return data[start:] if need else b""

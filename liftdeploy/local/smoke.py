@@ -27,7 +27,7 @@ from typing import Any
 __all__ = ["SMOKE_FAMILIES", "SMOKE_MARKER", "is_smoke_model_dir", "smoke_model_dir", "smoke_recipe"]
 
 SMOKE_MARKER = "liftdeploy_smoke.json"
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 SEED = 1234
 
 EOS_TOKEN = "<|im_end|>"
@@ -49,13 +49,14 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
-# Architecture of the tiny model; identical shape for every family.
+# Architecture of the tiny model; identical shape for every family. vLLM's CPU attention needs
+# a head_dim of 64 or more (128 / 2 heads), so the same model runs on both local engines.
 _ARCH: dict[str, Any] = {
-    "hidden_size": 64,
-    "intermediate_size": 128,
+    "hidden_size": 128,
+    "intermediate_size": 256,
     "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
     "max_position_embeddings": 8192,
     "tie_word_embeddings": True,
     "initializer_range": 0.02,

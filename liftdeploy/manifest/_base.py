@@ -30,6 +30,10 @@ PACKAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(\[[A-Za-z0-9,._-]+\])?\Z")
 VERSION = re.compile(r"^[0-9][0-9A-Za-z.+!-]*\Z")
 ENV_VAR = re.compile(r"^[A-Z_][A-Z0-9_]*\Z")
 POSIX_PATH = re.compile(r"^/[A-Za-z0-9._/-]*\Z")
+REASONING_PARSER = re.compile(r"^[a-z][a-z0-9_]{0,63}\Z")
+TIME_OF_DAY = re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9]\Z")  # HH:MM, 24-hour clock
+TIME_ZONE = re.compile(r"^[A-Za-z][A-Za-z0-9_+-]{0,29}(/[A-Za-z0-9_+-]{1,30}){0,2}\Z")  # an IANA name's form
+CRON_DAYS = re.compile(r"^[0-7*](-[0-7])?(,[0-7](-[0-7])?)*\Z")  # cron's day-of-week field
 
 
 def invalid(message: str, hint: str | None = None, at: tuple[str | int, ...] = ()) -> PydanticCustomError:

@@ -84,7 +84,7 @@ class ImageSection(Section):
     @field_validator("uv")
     @classmethod
     def _uv(cls, value: str) -> str:
-        if not re.match(r"^[0-9]+\.[0-9]+\.[0-9]+$", value):
+        if not re.match(r"^[0-9]+\.[0-9]+\.[0-9]+\Z", value):
             raise invalid(f"`{value}` is not a uv release", f'pin an exact release, e.g. `uv = "{DEFAULT_UV}"`')
         return value
 

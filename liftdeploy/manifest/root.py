@@ -7,8 +7,8 @@ from typing import Any
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from .. import compat_sglang, sglang_args, sizing
-from ..compat import api_family
+from .. import catalog, compat_sglang, sglang_args, sizing, urls
+from ..compat import api_family, default_backend, v1_structured_output
 from ._base import LABEL, Section, invalid
 from .image import EngineKind, EngineSection, ImageSection, VolumesSection
 from .serving import (
@@ -24,6 +24,14 @@ from .serving import (
 from .workload import AppSection, ComputeSection, GpuSpec, ModelSection
 
 # ## The manifest
+
+DEFAULT_KINDS = ("health", "warmup", "generate")
+
+
+def default_label(app_name: str, kind: str) -> str:
+    """An endpoint's label when the manifest gives none: `<app name>-<kind>`, as Modal labels
+    its own (`<app>-<function>`), so two apps in one environment never claim the same URL."""
+    return f"{urls.slug(app_name)}-{kind}"
 
 
 class Manifest(Section):
@@ -42,13 +50,31 @@ class Manifest(Section):
     cold_start: ColdStartSection = ColdStartSection()
     decoding: DecodingSection = DecodingSection()
     endpoints: list[Endpoint] = Field(
-        default_factory=lambda: [Endpoint(kind=k) for k in ("health", "warmup", "generate")],
-        description="What the app serves; each label is its own URL.",
+        default_factory=lambda: [Endpoint(kind=k, label=k) for k in DEFAULT_KINDS],
+        description="What the app serves; each label is its own URL, claimed for the whole Modal environment. "
+        "Default: health, warmup and generate, labelled `<app name>-<kind>`.",
     )
     secrets: SecretsSection = SecretsSection()
     env: dict[str, dict[str, Any]] = Field(
         {}, description="Overlays deep-merged over the base by `--env NAME` (e.g. dev, prod).",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_labels(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        app = data.get("app")
+        name = app.get("name") if isinstance(app, dict) else None
+        prefix = (lambda kind: default_label(name, kind)) if isinstance(name, str) and urls.slug(name) else str
+        endpoints = data.get("endpoints", [{"kind": kind} for kind in DEFAULT_KINDS])
+        if isinstance(endpoints, list):  # (no app name: that is its own error; the kind stands in)
+            endpoints = [
+                {**ep, "label": prefix(ep["kind"])}
+                if isinstance(ep, dict) and ep.get("label") is None and isinstance(ep.get("kind"), str) else ep
+                for ep in endpoints
+            ]
+        return {**data, "endpoints": endpoints}
 
     @field_validator("endpoints")
     @classmethod
@@ -103,7 +129,7 @@ class Manifest(Section):
             raise invalid(f"endpoint `{bearer[0][1]}` uses bearer auth but no secret holds the token",
                           'set `secrets.bearer = "NAME"` of a Modal Secret with LIFTDEPLOY_API_TOKEN',
                           ("endpoints", bearer[0][0], "auth"))
-        if self.cold_start.compile_cache and self.volumes.compile_cache is None:
+        if self.cold_start.compile_cache is True and self.volumes.compile_cache is None:
             raise invalid("cold_start.compile_cache needs a volume",
                           'add `[volumes.compile_cache]` with `name` and `mount = "/root/.cache/vllm"`,'
                           " or set `cold_start.compile_cache = false`", ("cold_start", "compile_cache"))
@@ -126,20 +152,47 @@ class Manifest(Section):
         assert version is not None  # validated
         return version
 
+    @property
+    def compile_cached(self) -> bool:
+        """Whether vLLM's compile cache is kept: only on a volume, on unless switched off."""
+        return self.volumes.compile_cache is not None and self.cold_start.compile_cache is not False
+
     @cached_property
     def gpus(self) -> tuple[GpuSpec, ...]:
-        """The fallback chain with `any` expanded to every other GPU that fits, cheapest first;
-        each entry carries its catalog entry. Computed once."""
+        """The fallback chain with `any` expanded to the cheapest few other GPUs that fit
+        (`catalog.ANY_GPU_WIDTH`); each entry carries its catalog entry. Computed once."""
         named = tuple(g for g in self.compute.gpu if not g.is_any)
         if len(named) == len(self.compute.gpu):
             return named
         count = self.model.tensor_parallel_size
         others = sizing.gpus_that_fit(self.model, count, exclude={g.type for g in named})
-        return named + tuple(GpuSpec.of(gpu, count) for gpu in others)
+        return named + tuple(GpuSpec.of(gpu, count) for gpu in others[: catalog.ANY_GPU_WIDTH])
 
     def gpu_chain(self) -> list[str]:
         """The expanded chain as Modal's `gpu=` strings."""
         return [str(g) for g in self.gpus]
+
+    @property
+    def whitespace(self) -> str:
+        """`compact` or `any`: the manifest's, else compact where the pinned engine can keep JSON compact."""
+        if self.decoding.whitespace:
+            return self.decoding.whitespace
+        if self.engine.kind is EngineKind.sglang:
+            can = compat_sglang.supports(self.engine_version, "disable-any-whitespace")
+        else:
+            can = v1_structured_output(self.engine_version)
+        return "compact" if can else "any"
+
+    @property
+    def backend(self) -> str:
+        """The structured-output backend the engine runs: the manifest's, else guidance where the pinned
+        engine has it (it compiles length-bounded strings correctly, see the README), else xgrammar."""
+        if self.decoding.backend:
+            return self.decoding.backend
+        if self.engine.kind is EngineKind.sglang:
+            llguidance = compat_sglang.supports(self.engine_version, "grammar-backend-llguidance")
+            return "guidance" if llguidance else "xgrammar"
+        return default_backend(self.engine_version)
 
 
 def json_schema() -> dict[str, Any]:

@@ -8,8 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
-from .. import catalog
-from ._base import APP_NAME, Choice, Section, did_you_mean, invalid
+from .. import catalog, urls
+from ._base import APP_NAME, LABEL, REASONING_PARSER, Choice, Section, did_you_mean, invalid
 
 # ## [app]
 
@@ -26,8 +26,15 @@ class AppSection(Section):
     )
     workspace: str | None = Field(
         None,
-        description="Modal workspace, used only to predict endpoint URLs in `plan`.",
+        description="Modal workspace, to predict endpoint URLs (`plan` asks Modal when it can).",
         examples=["rand"],
+    )
+    web_suffix: str | None = Field(
+        None,
+        description="The Modal environment's web suffix (`modal environment list`), to predict endpoint URLs; "
+        "default: none for `main`, the environment's name for any other (`plan` asks Modal when it can). "
+        'Write `""` for an environment without one.',
+        examples=["", "dev"],
     )
 
     @field_validator("name", "environment")
@@ -39,6 +46,26 @@ class AppSection(Section):
                 "use letters, digits, `-`, `_` and `.`, at most 64 characters",
             )
         return value
+
+    @field_validator("workspace")
+    @classmethod
+    def _workspace(cls, value: str | None) -> str | None:
+        if value is not None and not LABEL.match(value):
+            raise invalid(f"`{value}` is not a Modal workspace name",
+                          "lowercase letters, digits and `-`, as in its URLs")
+        return value
+
+    @field_validator("web_suffix")
+    @classmethod
+    def _web_suffix(cls, value: str | None) -> str | None:
+        if value and not LABEL.match(value):
+            raise invalid(f"`{value}` is not a web suffix", 'lowercase letters, digits and `-`, or `""` for none')
+        return value
+
+    @property
+    def assumed_web_suffix(self) -> str:
+        """The web suffix given, or the one to assume (none for `main`, else the env's name)."""
+        return self.web_suffix if self.web_suffix is not None else urls.assumed_web_suffix(self.environment)
 
 
 # ## [model]
@@ -79,6 +106,18 @@ class ModelSection(Section):
         description="Parameter count in billions, for sizing; known for common models.",
         examples=[32.8],
     )
+    thinking: bool = Field(
+        False,
+        description="Let a reasoning model think before its constrained answer. Off: hybrid-thinking models "
+        "(Qwen3) get `enable_thinking = false` in their chat template, so the answer starts with the JSON. "
+        "On: needs `reasoning_parser`, so vLLM constrains only the answer after the thinking.",
+    )
+    reasoning_parser: str | None = Field(
+        None,
+        description="vLLM's reasoning parser for `thinking = true` (`--reasoning-parser`); "
+        "known for common models.",
+        examples=["qwen3", "deepseek_r1"],
+    )
 
     @field_validator("id")
     @classmethod
@@ -93,6 +132,23 @@ class ModelSection(Section):
         if value is not None and not re.match(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,99}\Z", value):
             raise invalid(f"`{value}` is not a git revision", "use a commit hash, tag or branch name")
         return value
+
+    @field_validator("reasoning_parser")
+    @classmethod
+    def _parser(cls, value: str | None) -> str | None:
+        if value is not None and not REASONING_PARSER.match(value):
+            raise invalid(f"`{value}` is not a vLLM reasoning parser name", "e.g. `qwen3` or `deepseek_r1`")
+        return value
+
+    @property
+    def parser(self) -> str | None:
+        """The reasoning parser: the manifest's, else the catalogue's for a known model."""
+        return self.reasoning_parser or (self.known.reasoning_parser if self.known else None)
+
+    @property
+    def thinks(self) -> str | None:
+        """How a known model thinks: "hybrid", "always", or None (not a reasoning model, or unknown)."""
+        return self.known.thinking if self.known else None
 
     @property
     def known(self) -> catalog.KnownModel | None:

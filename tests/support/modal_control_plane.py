@@ -13,7 +13,11 @@ have behaviour, all others answer ``UNIMPLEMENTED`` naming the method, so a gap 
 
 Served RPCs (what ``modal deploy`` / ``App.deploy()`` / ``modal app stop`` call):
 
-* session: ``ClientHello``, ``EnvironmentGetOrCreate`` (environment "main", builder 2025.06)
+* session: ``ClientHello``, ``EnvironmentGetOrCreate`` (builder 2025.06), ``EnvironmentList``,
+  ``WorkspaceNameLookup``. Environments: by default every name exists (the default one with an
+  empty web suffix, any other with its own name as suffix); pass ``environments={name: web_suffix}``
+  (or call :meth:`ModalControlPlane.add_environment`) and only those exist: anything else is
+  ``NOT_FOUND``, as on a workspace where it was never created
 * apps: ``AppGetByDeploymentName``, ``AppCreate``, ``AppGetLayout``, ``AppHeartbeat``,
   ``AppPublish``, ``AppClientDisconnect``, ``AppGetLifecycle``, ``AppLookup``, ``AppStop``,
   ``TaskList`` (always no containers)
@@ -24,8 +28,13 @@ Served RPCs (what ``modal deploy`` / ``App.deploy()`` / ``modal app stop`` call)
   be added first with :meth:`ModalControlPlane.add_secret`, like on a real workspace)
 * mounts: ``MountBatchedCheckExistence``, ``MountPutFile`` (stores inline file data, replies
   ``exists=True``), ``MountGetOrCreate`` (keeps the file contents: :attr:`mounts`)
+* lookups and autoscaler: ``ClassGet``, ``FunctionGet`` (objects of a deployed app, by tag),
+  ``FunctionUpdateSchedulingParams`` (``update_autoscaler``: overrides kept in
+  :attr:`autoscaler_overrides`, answered merged over the deployed settings)
 * functions: ``FunctionPrecreate``, ``FunctionCreate`` (answers web URLs
-  ``https://<workspace>--<label>.modal.run``), ``ClassCreate``
+  ``https://<workspace>[-<web suffix>]--<label>.modal.run``; a generated host over 63 characters
+  is cut to 56 plus ``-`` and 6 hex digits of its SHA-256, Modal's documented truncation),
+  ``ClassCreate``
 
 Helper API (see the methods for details)::
 
@@ -115,11 +124,13 @@ class ModalControlPlane:
     """
 
     def __init__(self, workspace: str = "test-workspace", environment: str = "main",
-                 web_url_base: str | None = None):
+                 web_url_base: str | None = None, environments: dict[str, str] | None = None):
         self.workspace = workspace
         # When set (e.g. a `serve --local` server), web URLs point there: `<base>/<label>`.
         self.web_url_base = web_url_base
         self.default_environment = environment
+        # name -> web suffix; None: every environment exists (see `web_suffix`)
+        self.environments: dict[str, str] | None = None if environments is None else dict(environments)
         self.requests: list[tuple[str, Message]] = []
         self.apps: dict[str, DeployedApp] = {}  # by app id
         self.volumes: dict[tuple[str, str], str] = {}  # (environment, name) -> vo- id
@@ -128,8 +139,10 @@ class ModalControlPlane:
         self._pending_images: dict[str, api_pb2.Image] = {}  # im- id -> definition, not yet built
         self.mounts: dict[str, dict[str, bytes]] = {}  # mo- id -> {remote filename: content}
         self.functions: dict[str, api_pb2.FunctionCreateRequest] = {}  # fu- id -> last create
+        self.autoscaler_overrides: dict[str, api_pb2.AutoscalerSettings] = {}  # fu- id -> update_autoscaler
         self._blobs: dict[str, bytes] = {}  # sha256 hex -> file content
         self._handles: dict[str, Message] = {}  # object id -> handle metadata (for layouts)
+        self._function_data: dict[str, api_pb2.FunctionData] = {}  # fu- id -> as FunctionCreate answered
         self._failures: dict[str, _Failure] = {}
         self._delays: dict[str, float] = {}  # method -> seconds each call waits (see delay())
         self.errors: list[tuple[str, Exception]] = []  # exceptions raised by the double's own code
@@ -223,6 +236,22 @@ class ModalControlPlane:
         """Make the next image build report GENERIC_STATUS_FAILURE with this exception text."""
         self._image_build_failure = exception
 
+    def add_environment(self, name: str, web_suffix: str | None = None) -> None:
+        """Create an environment (as `modal environment create` would); its web suffix defaults to
+        its name. From then on only declared environments exist."""
+        if self.environments is None:
+            self.environments = {self.default_environment: ""}
+        self.environments[name] = name if web_suffix is None else web_suffix
+
+    def web_suffix(self, environment: str) -> str:
+        """The web suffix of an environment (raises NOT_FOUND for an undeclared one)."""
+        env = environment or self.default_environment
+        if self.environments is None:
+            return "" if env == self.default_environment else env
+        if env not in self.environments:
+            raise GRPCError(grpclib.Status.NOT_FOUND, f"Environment '{env}' not found")
+        return self.environments[env]
+
     def add_secret(self, name: str, env_dict: dict[str, str] | None = None, environment: str = "") -> str:
         """Create a named Secret (as `modal secret create` would); returns its `st-` id."""
         key = (environment or self.default_environment, name)
@@ -255,9 +284,11 @@ class ModalControlPlane:
     def web_url(self, label: str, environment: str = "") -> str:
         if self.web_url_base:
             return f"{self.web_url_base.rstrip('/')}/{label}"
-        env = environment or self.default_environment
-        env_part = "" if env == self.default_environment else f"-{env}"
-        return f"https://{self.workspace}{env_part}--{label}.modal.run"
+        suffix = self.web_suffix(environment)
+        host = f"{self.workspace}{'-' + suffix if suffix else ''}--{label}"
+        if len(host) > 63:  # https://modal.com/docs/guide/webhook-urls#truncation
+            host = host[:56] + "-" + hashlib.sha256(host.encode()).hexdigest()[:6]
+        return f"https://{host}.modal.run"
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> Self:
@@ -321,14 +352,41 @@ class ModalControlPlane:
 
     def EnvironmentGetOrCreate(self, req):
         name = req.deployment_name or self.default_environment
-        settings = api_pb2.EnvironmentSettings(image_builder_version=BUILDER_VERSION, webhook_suffix="")
+        if (
+            self.environments is not None
+            and name not in self.environments
+            and req.object_creation_type == api_pb2.OBJECT_CREATION_TYPE_CREATE_IF_MISSING
+        ):
+            self.add_environment(name)
+        settings = api_pb2.EnvironmentSettings(
+            image_builder_version=BUILDER_VERSION, webhook_suffix=self.web_suffix(name)
+        )
         return api_pb2.EnvironmentGetOrCreateResponse(
             environment_id=_hashed_id("en", name.encode()),
             metadata=api_pb2.EnvironmentMetadata(name=name, settings=settings),
         )
 
+    def EnvironmentList(self, req):
+        names = self.environments or {self.default_environment: ""}
+        return api_pb2.EnvironmentListResponse(
+            items=[
+                api_pb2.EnvironmentListItem(
+                    name=name,
+                    webhook_suffix=suffix,
+                    default=name == self.default_environment,
+                    environment_id=_hashed_id("en", name.encode()),
+                )
+                for name, suffix in names.items()
+            ]
+        )
+
+    def WorkspaceNameLookup(self, req):
+        return api_pb2.WorkspaceNameLookupResponse(workspace_name=self.workspace, username=self.workspace)
+
     def _env(self, name: str) -> str:
-        return name or self.default_environment
+        env = name or self.default_environment
+        self.web_suffix(env)  # NOT_FOUND for an environment that was never created
+        return env
 
     def _lifecycle(self, app: DeployedApp) -> api_pb2.AppLifecycle:
         lc = api_pb2.AppLifecycle(app_state=app.state, version=app.version)
@@ -587,6 +645,7 @@ class ModalControlPlane:
             for name, method in target.method_definitions.items():
                 method.web_url = meta.method_handle_metadata[name].web_url
         self.functions[function_id] = req
+        self._function_data[function_id] = data
         self._handles[function_id] = meta
         return api_pb2.FunctionCreateResponse(
             function_id=function_id,
@@ -594,6 +653,39 @@ class ModalControlPlane:
             handle_metadata=meta,
             function_data=data,
         )
+
+    def _deployed_object(self, req, ids: str) -> str:
+        app = self.deployed_app(req.app_name, self._env(req.environment_name))
+        if app is None:
+            raise GRPCError(grpclib.Status.NOT_FOUND, f"App '{req.app_name}' not found")
+        object_id = getattr(app, ids).get(req.object_tag)
+        if object_id is None:
+            raise GRPCError(grpclib.Status.NOT_FOUND, f"'{req.object_tag}' not found in app '{req.app_name}'")
+        return object_id
+
+    def ClassGet(self, req):
+        class_id = self._deployed_object(req, "class_ids")
+        return api_pb2.ClassGetResponse(class_id=class_id, handle_metadata=self._handles.get(class_id))
+
+    def FunctionGet(self, req):
+        function_id = self._deployed_object(req, "function_ids")
+        return api_pb2.FunctionGetResponse(
+            function_id=function_id,
+            handle_metadata=self._handles.get(function_id),
+            function=self._function_data.get(function_id),
+        )
+
+    def FunctionUpdateSchedulingParams(self, req):
+        create = self.functions.get(req.function_id)
+        if create is None:
+            raise GRPCError(grpclib.Status.NOT_FOUND, f"Function {req.function_id} not found")
+        override = self.autoscaler_overrides.setdefault(req.function_id, api_pb2.AutoscalerSettings())
+        override.MergeFrom(req.settings)  # fields not sent keep their earlier value
+        deployed = (create.function_data if create.HasField("function_data") else create.function).autoscaler_settings
+        current = api_pb2.AutoscalerSettings()
+        current.CopyFrom(deployed)
+        current.MergeFrom(override)
+        return api_pb2.FunctionUpdateSchedulingParamsResponse(current_settings=current)
 
     def ClassCreate(self, req):
         self._app(req.app_id)

