@@ -16,7 +16,7 @@ import pytest
 from liftdeploy.manifest import load
 from liftdeploy.render import render
 from tests.conftest import DEPLOYMENTS
-from tests.support.vllm_wheels import prefetch, run_with_vllm, sampling_params_probe
+from tests.support.vllm_wheels import engine_deps_site, prefetch, run_with_vllm, sampling_params_probe
 
 pytestmark = [pytest.mark.slow, pytest.mark.network]
 
@@ -111,8 +111,8 @@ def probes(tmp_path_factory):
         params = sampling_params_probe(version, module, SCHEMA, max_tokens=64, temperature=0.3, top_p=0.95,
                                        timeout=300)
         engine = run_with_vllm(version, ENGINE_PROBE.format(path=str(module)), timeout=300)
-        precheck = run_with_vllm(version, PRECHECK_PROBE.format(path=str(module), schema=SCHEMA), timeout=300) \
-            if version in V1 else None
+        precheck = run_with_vllm(version, PRECHECK_PROBE.format(path=str(module), schema=SCHEMA), timeout=300,
+                                 extra_paths=[engine_deps_site()]) if version in V1 else None
         return case, (params, engine, precheck)
 
     with ThreadPoolExecutor(max_workers=2) as pool:
