@@ -125,8 +125,8 @@ async def level(url: str, concurrency: int, requests: int, max_tokens: int, cons
         started = time.perf_counter()
         await asyncio.gather(*(one(i) for i in range(requests)))
         wall = time.perf_counter() - started
-    return {"concurrency": concurrency, "requests": requests, "p50_ms": round(percentile(latencies, 50) * 1000),
-            "p95_ms": round(percentile(latencies, 95) * 1000), "tokens": tokens,
+    return {"concurrency": concurrency, "requests": requests, "p50_ms": round(percentile(latencies, 0.5) * 1000),
+            "p95_ms": round(percentile(latencies, 0.95) * 1000), "tokens": tokens,
             "tokens_per_s": round(tokens / wall, 1), "tokens_per_request": round(tokens / requests, 1)}
 
 
