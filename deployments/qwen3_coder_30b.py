@@ -81,9 +81,8 @@ cache_volume = modal.Volume.from_name("lift-sys-sglang-cache", create_if_missing
 
 # ## Serving configuration
 
-# The structured-output backend SGLang runs (one per server: its --grammar-backend).
+# The structured-output backend SGLang runs (one per server: its --grammar-backend in SERVER_ARGS).
 BACKEND = "guidance"
-GRAMMAR_BACKEND = "llguidance"  # SGLang's name for it
 COMPACT_JSON = True  # no free whitespace between JSON tokens (in SERVER_ARGS too)
 # Hybrid-thinking models (Qwen3) answer at once, no thinking first; other chat templates ignore it.
 CHAT_TEMPLATE_KWARGS = {"enable_thinking": False}

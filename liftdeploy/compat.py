@@ -43,11 +43,11 @@ __all__ = [
 ]
 
 XGRAMMAR_SINCE = Version("0.6.5")
+"""First vLLM release with the xgrammar guided-decoding backend (its wheels ship
+``vllm/model_executor/guided_decoding/xgrammar_decoding.py`` from 0.6.5 on)."""
 # From 0.9 the V1 engine compiles grammars with one backend class per engine (xgrammar or guidance),
 # behind request validators the rendered pre-check calls (vllm/v1/structured_output/).
 V1_STRUCTURED_OUTPUT_SINCE = Version("0.9.0")
-"""First vLLM release with the xgrammar guided-decoding backend (its wheels ship
-``vllm/model_executor/guided_decoding/xgrammar_decoding.py`` from 0.6.5 on)."""
 
 _CHECKED = ("torch", "transformers", "xgrammar")
 KB = KnowledgeBase("vllm", _CHECKED, floor="0.6.0")
@@ -171,20 +171,21 @@ def api_family(vllm_version: str) -> str:
     raise ValueError(f"vllm {vllm_version} predates 0.6.0, which liftdeploy does not support")
 
 
-def supports_xgrammar(vllm_version: str) -> bool:
-    """Whether this vLLM has the xgrammar backend (0.6.5 and later)."""
+def _at_least(vllm_version: str, since: Version) -> bool:
     v = _version(vllm_version)
     if v is None:
         raise ValueError(f"not a version: {vllm_version!r}")
-    return v >= XGRAMMAR_SINCE
+    return v >= since
+
+
+def supports_xgrammar(vllm_version: str) -> bool:
+    """Whether this vLLM has the xgrammar backend (0.6.5 and later)."""
+    return _at_least(vllm_version, XGRAMMAR_SINCE)
 
 
 def v1_structured_output(vllm_version: str) -> bool:
     """Whether this vLLM has the V1 structured-output backends (guidance, whitespace control)."""
-    v = _version(vllm_version)
-    if v is None:
-        raise ValueError(f"not a version: {vllm_version!r}")
-    return v >= V1_STRUCTURED_OUTPUT_SINCE
+    return _at_least(vllm_version, V1_STRUCTURED_OUTPUT_SINCE)
 
 
 def default_backend(vllm_version: str) -> str:

@@ -48,10 +48,6 @@ def version(m: Manifest) -> str:
     return parse_pins(m.image.pins).versions["sglang"]
 
 
-def _whitespace(m: Manifest) -> str:
-    return m.whitespace
-
-
 def grammar_backend(m: Manifest) -> str:
     return GRAMMAR_BACKENDS[m.backend]
 
@@ -64,7 +60,7 @@ def refusals(m: Manifest) -> list[tuple[tuple[str, ...], str, str]]:
         out.append((("decoding", "backend"), f"sglang {v} has no llguidance grammar backend (added in "
                     f"{compat_sglang.FEATURES['grammar-backend-llguidance'].since})",
                     'pin a newer sglang, or choose `backend = "xgrammar"`'))
-    if _whitespace(m) == "compact" and not compat_sglang.supports(v, "disable-any-whitespace"):
+    if m.whitespace == "compact" and not compat_sglang.supports(v, "disable-any-whitespace"):
         out.append((("decoding", "whitespace"), f"sglang {v} cannot keep whitespace out of JSON "
                     f"(`--constrained-json-disable-any-whitespace` came in "
                     f"{compat_sglang.FEATURES['disable-any-whitespace'].since})",
@@ -96,7 +92,7 @@ def server_args(m: Manifest) -> list[str]:
     if m.model.trust_remote_code:
         args.append("--trust-remote-code")
     args += ["--grammar-backend", grammar_backend(m)]
-    if _whitespace(m) == "compact":
+    if m.whitespace == "compact":
         args.append("--constrained-json-disable-any-whitespace")
     args += ["--max-running-requests", str(m.concurrency.max_inputs)]
     if m.cold_start.fast_boot:
