@@ -97,7 +97,7 @@ async def level(server: Served, concurrency: int, requests: int, max_tokens: int
 async def corpus(server: Served, max_tokens: int) -> dict:
     rows = [json.loads(line) for line in CORPUS.read_text().splitlines() if line.strip()]
     slots = asyncio.Semaphore(16)
-    counts = {"schemas": len(rows), "served": 0, "refused": 0, "other": 0, "stop": 0, "length": 0,
+    counts = {"schemas": len(rows), "served": 0, "refused": 0, "other": 0, "stop": 0, "length": 0, "invalid": 0,
               "stop_invalid": 0, "complete": 0, "retried": 0}
 
     async with httpx.AsyncClient(headers=server.headers, timeout=600) as client:
