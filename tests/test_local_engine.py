@@ -262,7 +262,7 @@ def test_engine_interface(engine, smoke_cache):
 def test_constrained_generation_is_schema_valid(request, backend, name, temperature):
     engine = request.getfixturevalue("engine" if backend == "guidance" else "xgrammar_engine")
     schema = SCHEMAS[name]
-    engine.check_schema(schema)
+    engine.prepare(schema)
     # every string is bounded, so the grammar must complete well within this budget
     res = _run(engine.generate(MESSAGES, schema, max_tokens=1024, temperature=temperature, top_p=0.95))
     _assert_valid(res, schema)
@@ -301,7 +301,7 @@ def test_generation_is_deterministic_for_a_seed(engine):
 )
 def test_invalid_schema_raises_value_error(engine, schema):
     with pytest.raises(ValueError):
-        engine.check_schema(schema)
+        engine.prepare(schema)
     with pytest.raises(ValueError):
         _run(engine.generate(MESSAGES, schema, max_tokens=8, temperature=0.0, top_p=1.0))
 
@@ -309,9 +309,9 @@ def test_invalid_schema_raises_value_error(engine, schema):
 def test_grammar_cache_uses_canonical_schema(engine):
     schema = {"required": ["b"], "type": "object", "properties": {"b": {"type": "boolean"}}}
     reordered = {"type": "object", "properties": {"b": {"type": "boolean"}}, "required": ["b"]}
-    engine.check_schema(schema)
+    engine.prepare(schema)
     n = len(engine._grammars)
-    engine.check_schema(reordered)  # same canonical form: a cache hit, no new entry
+    engine.prepare(reordered)  # same canonical form: a cache hit, no new entry
     assert len(engine._grammars) == n
 
 

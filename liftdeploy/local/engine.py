@@ -152,8 +152,6 @@ class LocalEngine:
         ``ValueError`` when the schema is invalid or the backend cannot compile it."""
         return self._compiled(schema)[0]
 
-    check_schema = prepare
-
     def _compiled(self, schema: dict) -> tuple[dict, Any]:
         """(the schema constrained to, its compiled grammar), from a bounded LRU."""
         if self.runtime is None:
