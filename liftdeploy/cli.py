@@ -420,6 +420,71 @@ def bench(
     typer.echo(f"wrote {out / 'bench.json'}" + (f" and {out / 'bench.png'}" if plotted else ""))
 
 
+@app.command("eval")
+@reports_errors
+def eval_(
+    target: TargetArg,
+    env: EnvOption = None,
+    tasks: Annotated[
+        Path | None,
+        typer.Option("--tasks", help="Labelled tasks, JSON Lines: id, prompt, schema, expected[, tags]. "
+                     "Default: the shipped set (liftdeploy/data/eval_tasks.jsonl)."),
+    ] = None,
+    route: Annotated[str, typer.Option("--route", help="generate, or openai (chat completions).")] = "generate",
+    schema_in: Annotated[
+        str, typer.Option("--schema-in", help="openai route: state the schema in a `system` message (as generate "
+                          "does), appended to the `user` message, or `none`.")
+    ] = "system",
+    free: Annotated[
+        bool, typer.Option("--free", help="openai route: no response_format (unconstrained); the first JSON "
+                           "value in the text is graded.")
+    ] = False,
+    temperature: Annotated[float, typer.Option("--temperature", help="Sampling temperature.")] = 0.0,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help="max_tokens of each request.")] = 512,
+    concurrency: Annotated[int, typer.Option("--concurrency", "-c", help="Requests in flight at once.")] = 4,
+    limit: Annotated[int | None, typer.Option("--limit", help="Run only the first N tasks (after filters).")] = None,
+    ids: Annotated[str | None, typer.Option("--ids", help="Comma-separated task ids to run.")] = None,
+    tag: Annotated[str | None, typer.Option("--tag", help="Run the tasks with one of these comma-separated tags.")]
+    = None,
+    min_field_accuracy: Annotated[
+        float | None, typer.Option("--min-field-accuracy", help="Exit 1 when field accuracy is below this (0-1).")
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for eval.json and eval.png.")] = Path("eval-results"),
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to allow a cold start.")] = 600.0,
+) -> None:
+    """Grade a deployment's answers on labelled tasks: valid, exact, field accuracy, stopped-invalid.
+
+    Exit 0 when every task got an answer (grades are data), 1 when a request failed or field
+    accuracy is below --min-field-accuracy, 2 for a bad task file or usage."""
+    from rich.console import Console
+
+    from . import evaluate, verify
+    from .client import AsyncClient
+    from .errors import StepError
+    from .grade import load_tasks
+    from .render import write_atomic
+
+    options = evaluate.Options(route, schema_in, free, temperature, max_tokens, concurrency)
+    options.check()
+    path = tasks or evaluate.DEFAULT_TASKS
+    chosen = evaluate.select(load_tasks(path), ids=ids, tags=tag, limit=limit)
+    client = verify.client_for(target, env, timeout=timeout, cls=AsyncClient)
+    report = evaluate.run(client, chosen, options, target=target, tasks_file=str(path))
+    write_atomic(out / "eval.json", report.to_json())
+    plotted = evaluate.plot(report, out / "eval.png")
+    Console(soft_wrap=False).print(evaluate.table(report))
+    typer.echo(evaluate.summary(report))
+    typer.echo(f"wrote {out / 'eval.json'}" + (f" and {out / 'eval.png'}" if plotted else ""))
+    totals = report.totals
+    if totals.failed:
+        first = next(r for r in report.records if r.error is not None and r.status is None)
+        raise StepError("eval", f"{totals.failed} of {totals.tasks} requests got no answer (first: {first.error})",
+                        "check the endpoint is up (`liftdeploy smoke TARGET`), then rerun")
+    if min_field_accuracy is not None and totals.field_accuracy < min_field_accuracy:
+        raise StepError("eval", f"field accuracy {totals.field_accuracy:.3f} is below --min-field-accuracy "
+                        f"{min_field_accuracy}", f"see the wrong fields per task in {out / 'eval.json'}")
+
+
 def main() -> None:
     # A process started with SIGINT ignored (`cmd &` in a script, nohup in some shells, some CI
     # runners) keeps it ignored: Python installs its Ctrl-C handler only over the default. Every

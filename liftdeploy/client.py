@@ -141,7 +141,8 @@ class Recorder:
 
     def path(self, method: str, label: str, body: Any) -> Path:
         key = json.dumps([method, label, body], sort_keys=True, separators=(",", ":"))
-        return self.directory / f"{label}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+        name = label.strip("/").replace("/", "_")  # a label with the path below it: `...-openai/v1/models`
+        return self.directory / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
     def replay(self, method: str, label: str, body: Any) -> tuple[int, Any] | None:
         if self.mode != "replay":
@@ -226,11 +227,12 @@ class _Base:
         self.guessed_at = None
         return True
 
-    def _exchange(self, kind: str, method: str, body: Any, read_timeout: float | None):
+    def _exchange(self, kind: str, method: str, body: Any, read_timeout: float | None, path: str = ""):
         """The request policy as a generator, driven by both clients: it yields a request to send
         (httpx keyword arguments) or a float (seconds to sleep), is sent each request's outcome (a
-        response or a transport error), and returns the answer's body."""
-        req = self._request(kind, method, body, read_timeout)
+        response or a transport error), and returns the answer's body. `path` goes below the
+        endpoint's URL (`/v1/models` of the `openai` endpoint)."""
+        req = self._request(kind, method, body, read_timeout, path)
         replayed = self.recorder.replay(method, req["label"], body)
         if replayed:
             return self._checked(req, *replayed)
@@ -240,7 +242,7 @@ class _Base:
                              "timeout": req["timeout"]}
             response = outcome if isinstance(outcome, httpx.Response) else None
             if response is not None and self._adopt_listing(response):
-                req = self._request(kind, method, body, read_timeout)  # the same kind, at its real label
+                req = self._request(kind, method, body, read_timeout, path)  # the same kind, at its real label
                 last = f"HTTP {response.status_code}"
                 continue
             if response is not None:
@@ -269,9 +271,11 @@ class _Base:
         read = read_timeout or (self.timeouts.read if self.warm else self.timeouts.cold_read)
         return httpx.Timeout(read, connect=self.timeouts.connect)
 
-    def _request(self, kind: str, method: str, body: Any, read_timeout: float | None) -> dict[str, Any]:
+    def _request(self, kind: str, method: str, body: Any, read_timeout: float | None,
+                 path: str = "") -> dict[str, Any]:
         url, headers = self.address(kind)
-        return {"label": self.endpoints.label(kind, self.kinds), "method": method, "url": url, "headers": headers,
+        label = self.endpoints.label(kind, self.kinds)
+        return {"label": label + path, "method": method, "url": url + path, "headers": headers,
                 "json": body, "timeout": self.timeout(read_timeout)}
 
     def _delay(self, attempt: int, response: httpx.Response | None) -> float:
@@ -349,8 +353,9 @@ class Client(_Base):
     def __exit__(self, *exc: object) -> None:
         self.http.close()
 
-    def call(self, kind: str, method: str = "GET", body: Any = None, read_timeout: float | None = None) -> Any:
-        steps = self._exchange(kind, method, body, read_timeout)
+    def call(self, kind: str, method: str = "GET", body: Any = None, read_timeout: float | None = None,
+             path: str = "") -> Any:
+        steps = self._exchange(kind, method, body, read_timeout, path)
         try:
             step = next(steps)
             while True:
@@ -391,8 +396,9 @@ class AsyncClient(_Base):
     async def __aexit__(self, *exc: object) -> None:
         await self.http.aclose()
 
-    async def call(self, kind: str, method: str = "GET", body: Any = None, read_timeout: float | None = None) -> Any:
-        steps = self._exchange(kind, method, body, read_timeout)
+    async def call(self, kind: str, method: str = "GET", body: Any = None, read_timeout: float | None = None,
+                   path: str = "") -> Any:
+        steps = self._exchange(kind, method, body, read_timeout, path)
         try:
             step = next(steps)
             while True:
