@@ -269,7 +269,7 @@ def summary(report: EvalReport) -> str:
 
 
 def table(report: EvalReport) -> Any:
-    """A rich table: one row per task, then the totals."""
+    """A rich table: one row per task, then the totals; `stop!` marks a stopped-invalid answer."""
     from rich.table import Table
 
     def mark(ok: bool) -> str:
@@ -278,14 +278,14 @@ def table(report: EvalReport) -> Any:
     rows = Table(title=f"liftdeploy eval: {report.options['label']}", show_footer=False)
     for name, justify in (("id", "left"), ("valid", "center"), ("exact", "center"), ("fields", "right"),
                           ("finish", "left"), ("tokens", "right"), ("ms", "right")):
-        rows.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]
+        rows.add_column(name, justify=justify, no_wrap=name == "id")  # type: ignore[arg-type]
     for r in report.records:
         rows.add_row(r.id, mark(r.valid), mark(r.exact), f"{r.fields_right}/{r.fields_total}",
                      r.finish_reason + ("!" if r.stopped_invalid else ""), str(r.tokens), f"{r.latency_ms:.0f}")
     t = report.totals
     rows.add_section()
     rows.add_row("total", f"{t.valid}/{t.tasks}", f"{t.exact}/{t.tasks}", f"{t.fields_right}/{t.fields_total}",
-                 f"stop-invalid {t.stopped_invalid}", str(t.completion_tokens), f"p50 {t.latency_p50_ms:.0f}")
+                 f"{t.stopped_invalid} stop!", str(t.completion_tokens), f"p50 {t.latency_p50_ms:.0f}")
     return rows
 
 

@@ -155,7 +155,7 @@ def same(expected: Any, got: Any, *, loose_strings: bool = False) -> bool:
                 and all(same(v, got[k], loose_strings=loose_strings) for k, v in expected.items()))
     if isinstance(expected, list):
         return (isinstance(got, list) and len(expected) == len(got)
-                and all(same(e, g, loose_strings=loose_strings) for e, g in zip(expected, got)))
+                and all(same(e, g, loose_strings=loose_strings) for e, g in zip(expected, got, strict=True)))
     return type(expected) is type(got) and expected == got  # bool and None
 
 

@@ -2,7 +2,7 @@
 
 A venv made with nothing but `pip install <this project>` runs every command that needs neither a
 GPU nor torch: validate, render, schema, check, plan, apply (against the control-plane double,
-warm-up and smoke test included), destroy, warmup, smoke and bench (against a local server), and
+warm-up and smoke test included), destroy, warmup, smoke, bench and eval (against a local server), and
 the README's Python client. `serve --local` and `check --resolve` fail with one `error:` line
 naming what to install. Nothing ends in "internal error".
 
@@ -168,7 +168,7 @@ def test_apply_warms_up_and_smoke_tests(core, folder, server):
         assert cp.errors == []
 
 
-def test_warmup_smoke_and_bench_against_a_local_server(core, folder, server):
+def test_warmup_smoke_bench_and_eval_against_a_local_server(core, folder, server):
     env = env_for(core, **CREDS)
     warm = run(core, "warmup", server.url, "--timeout", "60", cwd=folder, env=env)
     assert warm.returncode == 0 and "warm: smoke:qwen2" in warm.stdout, shown(warm)
@@ -178,6 +178,12 @@ def test_warmup_smoke_and_bench_against_a_local_server(core, folder, server):
     assert bench.returncode == 0, shown(bench)
     assert json.loads((folder / "b" / "bench.json").read_text())["levels"][0]["errors"] == 0
     assert not (folder / "b" / "bench.png").exists()  # no matplotlib in the core install: JSON only
+    tasks = ROOT / "tests" / "fixtures" / "eval_tasks_small.jsonl"
+    graded = run(core, "eval", server.url, "--tasks", str(tasks), "--limit", "2", "--max-tokens", "16", "-o", "e",
+                 cwd=folder, env=env)
+    assert graded.returncode == 0, shown(graded)
+    assert len(json.loads((folder / "e" / "eval.json").read_text())["records"]) == 2
+    assert not (folder / "e" / "eval.png").exists()
 
 
 def test_the_readme_client_example(core, folder, server):

@@ -310,3 +310,34 @@ def test_no_answer_is_a_failure_not_a_grade(tmp_path: Path) -> None:
     report = evaluate.run(client, load_tasks(SMALL)[:2], Options(), target=url, tasks_file=str(SMALL))
     assert (report.totals.failed, report.totals.refused, report.totals.valid) == (2, 0, 0)
     assert all("did not answer after 2 attempts" in (r.error or "") for r in report.records)
+
+
+def test_eval_imports_no_gpu_stack(coder, proxy_auth, tmp_path: Path) -> None:
+    """A whole run, in a process of its own, as `liftdeploy eval` runs: torch, vLLM and transformers stay out."""
+    from tests.helpers_render import py_run
+    from tests.test_cli import HEAVY, IMPORTS
+
+    args = ["eval", coder.url, "--tasks", str(SMALL), "--limit", "2", "--max-tokens", "24", "--out", str(tmp_path)]
+    proc = py_run(IMPORTS, json.dumps(args), json.dumps(HEAVY))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"code": 0, "heavy": []}, proc.stderr
+    assert len(json.loads((tmp_path / "eval.json").read_text())["records"]) == 2
+
+
+def test_the_matrix_serves_each_configuration_as_an_env_overlay(tmp_path: Path) -> None:
+    """benchmarks/eval_matrix.py's variants load as manifests with the configuration's decoding."""
+    import importlib.util
+
+    from liftdeploy.manifest import load
+
+    spec = importlib.util.spec_from_file_location("eval_matrix", ROOT / "benchmarks" / "eval_matrix.py")
+    assert spec is not None and spec.loader is not None
+    matrix = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(matrix)
+    path = matrix.variant(DEPLOYMENTS / "qwen3-8b.toml", tmp_path, "xgrammar", "any", 2, 4096)
+    m = load(path, matrix.ENV).manifest
+    assert (m.decoding.backend, m.decoding.whitespace, m.decoding.retries_on_invalid) == ("xgrammar", "any", 2)
+    assert m.model.max_model_len == 4096 and m.model.id == "Qwen/Qwen3-8B"
+    assert matrix.runs_for(0, 0, ["generate", "openai/none/free"]) == ["generate", "openai/none/free"]
+    assert matrix.runs_for(1, 0, ["generate", "openai/none/free"]) == ["generate"]
+    assert matrix.runs_for(0, 2, ["openai/system/constrained", "generate"]) == ["generate"]
