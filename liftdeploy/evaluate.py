@@ -165,7 +165,8 @@ async def _chat(client: AsyncClient, task: Task, options: Options, model: str) -
     choice = answer["choices"][0]
     text = choice["message"].get("content") or ""
     tokens = int((answer.get("usage") or {}).get("completion_tokens") or 0)
-    return text, choice.get("finish_reason") or "stop", tokens, first_json(text) if options.free else parse_strict(text)
+    parsed = first_json(text) if options.free else parse_strict(text)
+    return text, choice.get("finish_reason") or "unknown", tokens, parsed
 
 
 async def _answer(client: AsyncClient, task: Task, options: Options, model: str | None) -> Record:
@@ -265,6 +266,9 @@ def summary(report: EvalReport) -> str:
     ]
     if t.refused or t.failed:
         lines.append(f"refused {t.refused}   failed {t.failed}")
+    if report.by_tag:
+        lines.append("fields by tag: " + "   ".join(f"{tag} {100 * tt.field_accuracy:.0f}% ({tt.tasks})"
+                                                    for tag, tt in report.by_tag.items()))
     return "\n".join(lines)
 
 

@@ -31,6 +31,7 @@ from typing import Any
 from .errors import LiftdeployError, printable
 
 KEYS = ("id", "prompt", "schema", "expected", "tags")
+NO_JSON: Any = object()  # an answer that held no JSON at all; also a path the answer lacks
 REQUIRED = KEYS[:4]
 TRAILING_PUNCTUATION = ".,;:!?"
 
@@ -173,18 +174,15 @@ def leaves(expected: Any, got: Any, path: str = "") -> Iterator[tuple[str, bool]
     if isinstance(expected, dict) and expected:
         here = got if isinstance(got, dict) else {}
         for key, value in expected.items():
-            yield from leaves(value, here.get(key, _MISSING), _child(path, key))
+            yield from leaves(value, here.get(key, NO_JSON), _child(path, key))
     elif isinstance(expected, list) and expected:
         here_list = got if isinstance(got, list) else None
         yield f"len({path or '$'})", here_list is not None and len(here_list) == len(expected)
         for i, value in enumerate(expected):
-            item = here_list[i] if here_list is not None and i < len(here_list) else _MISSING
+            item = here_list[i] if here_list is not None and i < len(here_list) else NO_JSON
             yield from leaves(value, item, f"{path}[{i}]")
     else:
-        yield path or "$", got is not _MISSING and same(expected, got, loose_strings=True)
-
-
-_MISSING = object()
+        yield path or "$", got is not NO_JSON and same(expected, got, loose_strings=True)
 
 
 # ## Grading answers
@@ -200,9 +198,6 @@ class Grade:
     fields_total: int
     problem: str | None = None  # why it is not valid: not JSON, or where it breaks the schema
     wrong: list[str] = field(default_factory=list)  # the paths of the fields it got wrong
-
-
-NO_JSON = _MISSING  # the answer held no JSON at all
 
 
 def grade(task: Task, answer: Any) -> Grade:

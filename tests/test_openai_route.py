@@ -317,3 +317,27 @@ def test_bench_reports_ttft(served, tmp_path):
         assert level["errors"] == 0 and level["tokens_per_s"] > 0
         assert 0 < level["ttft_p50_ms"] <= level["p50_ms"] and level["ttft_p50_ms"] <= level["ttft_p99_ms"]
     assert re.search(r"TTFT p50\s+TTFT p99", result.output)
+
+
+# ## eval grades the real engine's answers
+
+
+@pytest.mark.parametrize("route", ["generate", "openai"])
+def test_eval_on_the_real_engine(served, tmp_path, route):
+    """`liftdeploy eval` against vLLM's own engine and OpenAI server: every task graded, each grade
+    what jsonschema says of the output; on `generate` a finished answer is always valid."""
+    from typer.testing import CliRunner
+
+    from liftdeploy.cli import app
+    from liftdeploy.grade import load_tasks
+    from tests.test_eval import SMALL, check_graded
+
+    result = CliRunner().invoke(app, ["eval", served, "--tasks", str(SMALL), "--route", route, "--max-tokens", "64",
+                                      "-o", str(tmp_path)], env={"LIFTDEPLOY_API_TOKEN": TOKEN})
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "eval.json").read_text())
+    check_graded(report, load_tasks(SMALL))
+    if route == "generate":
+        assert report["totals"]["stopped_invalid"] == 0
+    else:
+        assert report["model"] == MODEL
