@@ -87,7 +87,7 @@ def runs_for(index: int, retries: int, modes: list[str]) -> list[str]:
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     head = ("| backend | whitespace | retries | mode | T | valid | exact | fields | stopped-invalid | finish "
-            "| tokens (mean) | p50 ms | p95 ms |")
+            "| retried | tokens (mean) | p50 ms | p95 ms |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for r in rows:
         t = r["totals"]
@@ -95,8 +95,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         finish = " ".join(f"{k}={v}" for k, v in t["finish_reasons"].items())
         lines.append(f"| {r['backend']} | {r['whitespace']} | {r['retries']} | {r['mode']} | {r['temperature']:g} "
                      f"| {t['valid']}/{n} | {t['exact']}/{n} | {100 * t['field_accuracy']:.1f}% "
-                     f"| {t['stopped_invalid']} | {finish} | {t['mean_tokens']} | {t['latency_p50_ms']:.0f} "
-                     f"| {t['latency_p95_ms']:.0f} |")
+                     f"| {t['stopped_invalid']} | {finish} | {t['retried']} | {t['mean_tokens']} "
+                     f"| {t['latency_p50_ms']:.0f} | {t['latency_p95_ms']:.0f} |")
     return "\n".join(lines) + "\n"
 
 

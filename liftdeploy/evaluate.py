@@ -91,6 +91,7 @@ class Record:
     wrong: list[str] = field(default_factory=list)  # paths of the fields it got wrong
     error: str | None = None  # the request failed: a refusal (4xx) or no answer
     status: int | None = None  # the HTTP status of a refusal
+    attempts: int = 1  # generate's samples: more than one when the runtime retried an invalid answer
 
     @property
     def stopped_invalid(self) -> bool:
@@ -113,6 +114,7 @@ class Totals:
     mean_tokens: float
     latency_p50_ms: float
     latency_p95_ms: float
+    retried: int = 0  # answers generate sampled more than once (decoding.retries_on_invalid)
 
     @classmethod
     def of(cls, records: list[Record]) -> Totals:
@@ -129,6 +131,7 @@ class Totals:
             tokens, round(tokens / len(answered), 1) if answered else 0.0,
             round(percentile(latencies, 0.5), 1) if latencies else 0.0,
             round(percentile(latencies, 0.95), 1) if latencies else 0.0,
+            sum(r.attempts > 1 for r in records),
         )
 
 
@@ -146,16 +149,16 @@ class EvalReport:
         return json.dumps(asdict(self), indent=2, ensure_ascii=False) + "\n"
 
 
-async def _generate(client: AsyncClient, task: Task, options: Options) -> tuple[str, str, int, Any]:
+async def _generate(client: AsyncClient, task: Task, options: Options) -> tuple[str, str, int, Any, int]:
     body = {"prompt": task.prompt, "schema": task.schema, "temperature": options.temperature,
             "max_tokens": options.max_tokens}
     answer = await client.call("generate", "POST", body)
     text = answer["text"]
     parsed = answer["ir_json"] if answer["complete"] else parse_strict(text)
-    return text, answer["finish_reason"], int(answer["tokens_used"]), parsed
+    return text, answer["finish_reason"], int(answer["tokens_used"]), parsed, int(answer.get("attempts", 1))
 
 
-async def _chat(client: AsyncClient, task: Task, options: Options, model: str) -> tuple[str, str, int, Any]:
+async def _chat(client: AsyncClient, task: Task, options: Options, model: str) -> tuple[str, str, int, Any, int]:
     body: dict[str, Any] = {"model": model, "messages": schema_messages(task.prompt, task.schema, options.schema_in),
                             "temperature": options.temperature, "max_tokens": options.max_tokens}
     if not options.free:
@@ -166,16 +169,16 @@ async def _chat(client: AsyncClient, task: Task, options: Options, model: str) -
     text = choice["message"].get("content") or ""
     tokens = int((answer.get("usage") or {}).get("completion_tokens") or 0)
     parsed = first_json(text) if options.free else parse_strict(text)
-    return text, choice.get("finish_reason") or "unknown", tokens, parsed
+    return text, choice.get("finish_reason") or "unknown", tokens, parsed, 1
 
 
 async def _answer(client: AsyncClient, task: Task, options: Options, model: str | None) -> Record:
     started = time.perf_counter()
     try:
         if model is None:
-            text, finish, tokens, parsed = await _generate(client, task, options)
+            text, finish, tokens, parsed, attempts = await _generate(client, task, options)
         else:
-            text, finish, tokens, parsed = await _chat(client, task, options, model)
+            text, finish, tokens, parsed, attempts = await _chat(client, task, options, model)
     except (ClientError, KeyError, IndexError, TypeError, ValueError) as exc:
         status = exc.status if isinstance(exc, ClientError) else None
         message = exc.message if isinstance(exc, ClientError) else f"{options.route} answered out of contract: {exc!r}"
@@ -187,7 +190,7 @@ async def _answer(client: AsyncClient, task: Task, options: Options, model: str 
     graded = grade(task, parsed)
     return Record(task.id, list(task.tags), graded.valid, graded.exact, graded.fields_right, graded.fields_total,
                   finish, tokens, latency, text, None if parsed is NO_JSON else parsed, parsed is not NO_JSON,
-                  graded.problem, graded.wrong)
+                  graded.problem, graded.wrong, attempts=attempts)
 
 
 async def _served_model(client: AsyncClient) -> str:
@@ -264,8 +267,8 @@ def summary(report: EvalReport) -> str:
         f"finish {finishes}   tokens {t.completion_tokens} (mean {t.mean_tokens})   "
         f"latency p50 {t.latency_p50_ms:.0f} ms, p95 {t.latency_p95_ms:.0f} ms",
     ]
-    if t.refused or t.failed:
-        lines.append(f"refused {t.refused}   failed {t.failed}")
+    if t.refused or t.failed or t.retried:
+        lines.append(f"refused {t.refused}   failed {t.failed}   retried {t.retried}")
     if report.by_tag:
         lines.append("fields by tag: " + "   ".join(f"{tag} {100 * tt.field_accuracy:.0f}% ({tt.tasks})"
                                                     for tag, tt in report.by_tag.items()))

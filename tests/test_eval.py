@@ -101,8 +101,9 @@ def test_json_is_taken_strictly_when_constrained_and_found_in_free_text() -> Non
 
 
 def record(tid: str, valid: bool, finish: str, *, right: int = 1, total: int = 2, tokens: int = 10,
-           ms: float = 100.0, error: str | None = None, status: int | None = None) -> Record:
-    return Record(tid, [], valid, False, right, total, finish, tokens, ms, "{}", error=error, status=status)
+           ms: float = 100.0, error: str | None = None, status: int | None = None, attempts: int = 1) -> Record:
+    return Record(tid, [], valid, False, right, total, finish, tokens, ms, "{}", error=error, status=status,
+                  attempts=attempts)
 
 
 def test_totals_count_stopped_invalid_apart_from_length_and_refusals() -> None:
@@ -110,12 +111,12 @@ def test_totals_count_stopped_invalid_apart_from_length_and_refusals() -> None:
         record("a", True, "stop"),
         record("b", False, "stop"),  # finished and broke its schema: the headline failure
         record("c", False, "length"),  # cut by max_tokens: not stopped-invalid
-        record("d", False, "invalid"),  # generate's own verdict after its retries
+        record("d", False, "invalid", attempts=3),  # generate's own verdict after its retries
         record("e", False, "error", right=0, tokens=0, error="generate answered 400: bad schema", status=400),
         record("f", False, "error", right=0, tokens=0, error="no answer", ms=5.0),
     ]
     t = Totals.of(records)
-    assert (t.tasks, t.valid, t.stopped_invalid, t.refused, t.failed) == (6, 1, 1, 1, 1)
+    assert (t.tasks, t.valid, t.stopped_invalid, t.refused, t.failed, t.retried) == (6, 1, 1, 1, 1, 1)
     assert t.finish_reasons == {"error": 2, "stop": 2, "length": 1, "invalid": 1}
     assert (t.fields_right, t.fields_total, t.field_accuracy) == (4, 12, 0.3333)
     assert (t.completion_tokens, t.mean_tokens) == (40, 10.0)  # over the answered four
