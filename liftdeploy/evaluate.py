@@ -26,6 +26,9 @@ from .grade import NO_JSON, Task, first_json, grade, parse_strict
 
 DEFAULT_TASKS = Path(__file__).parent / "data" / "eval_tasks.jsonl"
 ROUTES = ("generate", "openai")
+# Answers that refuse the task itself (a schema the engine cannot compile, a prompt over a limit): a
+# grade. Any other failure (no answer, 401, 404, 5xx) says the deployment was not asked at all.
+REFUSALS = frozenset({400, 413, 422})
 SCHEMA_IN = ("system", "user", "none")
 # The rendered runtime's `schema_prompt` (templates/_runtime.py.j2) states the schema with exactly
 # this text; tests/test_eval.py holds the two to the same words.
@@ -90,7 +93,7 @@ class Record:
     problem: str | None = None  # why it is not valid
     wrong: list[str] = field(default_factory=list)  # paths of the fields it got wrong
     error: str | None = None  # the request failed: a refusal (4xx) or no answer
-    status: int | None = None  # the HTTP status of a refusal
+    status: int | None = None  # the HTTP status of a refusal (REFUSALS); None for a failure
     attempts: int = 1  # generate's samples: more than one when the runtime retried an invalid answer
 
     @property
@@ -108,8 +111,8 @@ class Totals:
     fields_total: int
     field_accuracy: float  # micro: fields right / fields, over every task (an unanswered task gets none right)
     finish_reasons: dict[str, int]
-    refused: int  # answered 4xx (a schema the engine refuses, say)
-    failed: int  # no answer: transport errors, 5xx after retries
+    refused: int  # answered 400/413/422: the task refused (a schema the engine cannot compile, say)
+    failed: int  # no answer, or any other error status (401, 404, 5xx after retries)
     completion_tokens: int
     mean_tokens: float
     latency_p50_ms: float
@@ -185,7 +188,7 @@ async def _answer(client: AsyncClient, task: Task, options: Options, model: str 
         graded = grade(task, NO_JSON)
         return Record(task.id, list(task.tags), False, False, 0, graded.fields_total, "error", 0,
                       round((time.perf_counter() - started) * 1000, 1), None, wrong=graded.wrong, error=message,
-                      status=status if status is not None and status < 500 else None)  # a 4xx: refused
+                      status=status if status in REFUSALS else None)
     latency = round((time.perf_counter() - started) * 1000, 1)
     graded = grade(task, parsed)
     return Record(task.id, list(task.tags), graded.valid, graded.exact, graded.fields_right, graded.fields_total,

@@ -71,6 +71,7 @@ def schema_problem(output: Any, schema: dict[str, Any]) -> str | None:
 def load_tasks(path: Path) -> list[Task]:
     """Every task of a JSON Lines file; TaskFileError naming file:line at the first bad line."""
     import jsonschema
+    from referencing.exceptions import Unresolvable  # jsonschema's own dependency
 
     try:
         text = path.read_text(encoding="utf-8")
@@ -117,7 +118,11 @@ def load_tasks(path: Path) -> list[Task]:
         except jsonschema.SchemaError as exc:
             raise TaskFileError(where, f"task `{task_id}`: `schema` is not a valid JSON Schema: {exc.message[:200]}",
                                 "fix the schema (check it with jsonschema's check_schema)") from None
-        problem = schema_problem(row["expected"], schema)
+        try:
+            problem = schema_problem(row["expected"], schema)
+        except Unresolvable as exc:  # a `$ref` jsonschema cannot follow
+            raise TaskFileError(where, f"task `{task_id}`: `schema` has a `$ref` that does not resolve: {exc}",
+                                "point each `$ref` at a definition inside the schema (`#/$defs/...`)") from None
         if problem:
             raise TaskFileError(where, f"task `{task_id}`: `expected` {problem}",
                                 "the expected answer must itself be valid against the task's schema")

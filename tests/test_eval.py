@@ -146,6 +146,8 @@ GOOD = {"id": "x", "prompt": "p", "schema": OBJECT, "expected": {}}
         "age": {"type": "integer"}}}}), "task `x`: `expected` does not match the schema at $.age: '31' is not of type",
      "must itself be valid"),
     (json.dumps({**GOOD, "schema": {"type": "objekt"}}), "task `x`: `schema` is not a valid JSON Schema", "fix"),
+    (json.dumps({**GOOD, "schema": {"$ref": "#/$defs/missing"}}), "task `x`: `schema` has a `$ref` that does not "
+     "resolve", "point each `$ref`"),
     (json.dumps({**GOOD, "tags": "dates"}), "task `x`: `tags` is not a list of strings", "e.g."),
     (json.dumps({**GOOD, "prompt": " "}), "task `x`: `prompt` is not a non-empty string", "write the prompt"),
 ])
@@ -342,3 +344,25 @@ def test_the_matrix_serves_each_configuration_as_an_env_overlay(tmp_path: Path) 
     assert matrix.runs_for(0, 0, ["generate", "openai/none/free"]) == ["generate", "openai/none/free"]
     assert matrix.runs_for(1, 0, ["generate", "openai/none/free"]) == ["generate"]
     assert matrix.runs_for(0, 2, ["openai/system/constrained", "generate"]) == ["generate"]
+
+
+def test_a_refused_schema_is_a_grade_and_bad_credentials_a_failure(coder, proxy_auth, monkeypatch,
+                                                                     tmp_path: Path) -> None:
+    """A task the deployment refuses (here a 422: the prompt is over its limit) is that task's grade (exit 0);
+    a 401 is no answer (exit 1)."""
+    tasks = tmp_path / "tasks.jsonl"
+    refused = {"id": "too-long", "prompt": "x" * 40_000, "expected": {"ok": True},
+               "schema": {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}}
+    tasks.write_text(SMALL.read_text().splitlines()[-1] + "\n" + json.dumps(refused) + "\n")
+    proc = cli_in_process("eval", coder.url, "--tasks", tasks, "--max-tokens", "32", "--out", tmp_path / "a")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "a" / "eval.json").read_text())
+    assert (report["totals"]["refused"], report["totals"]["failed"]) == (1, 0)
+    record = report["records"][1]
+    assert record["status"] == 422 and "prompt" in record["error"] and record["finish_reason"] == "error"
+    monkeypatch.setenv("LIFTDEPLOY_PROXY_SECRET", "wrong")
+    denied = cli_in_process("eval", coder.url, "--tasks", tasks, "--out", tmp_path / "b")
+    assert denied.returncode == 1
+    assert denied.stderr.startswith("error: eval failed: 2 of 2 requests got no answer (first: ")
+    assert "answered 401" in denied.stderr
+    assert json.loads((tmp_path / "b" / "eval.json").read_text())["totals"]["failed"] == 2
