@@ -366,3 +366,9 @@ def test_a_refused_schema_is_a_grade_and_bad_credentials_a_failure(coder, proxy_
     assert denied.stderr.startswith("error: eval failed: 2 of 2 requests got no answer (first: ")
     assert "answered 401" in denied.stderr
     assert json.loads((tmp_path / "b" / "eval.json").read_text())["totals"]["failed"] == 2
+
+
+def test_the_shipped_task_set_is_the_default_and_loads() -> None:
+    """`--tasks` defaults to the packaged set; every line passes the same checks as a user's file."""
+    tasks = load_tasks(evaluate.DEFAULT_TASKS)
+    assert len(tasks) >= 150 and all(t.tags for t in tasks)
