@@ -17,9 +17,9 @@ from tests.conftest import DEPLOYMENTS
 llguidance = pytest.importorskip("llguidance")
 pytest.importorskip("transformers")
 
-SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "array", "items": {"type": "integer"}},
-                                           "c": {"type": "object", "properties": {"d": {"type": "string"}}}},
-          "required": ["a"]}
+SCHEMA = {"type": "object", "required": ["a"],
+          "properties": {"a": {"type": "integer"}, "b": {"type": "array", "items": {"type": "integer"}},
+                         "c": {"type": "object", "properties": {"d": {"type": "string"}}}}}
 SPACED = '{"a": 1, "b": [1, 2]}'
 
 
