@@ -102,6 +102,9 @@ ENGINE_ARGS = {
 # The structured-output backend the engine runs (one per engine: vLLM compiles every grammar with it).
 BACKEND = "guidance"
 COMPACT_JSON = True  # no free whitespace between JSON tokens (in ENGINE_ARGS too)
+# A fixed layout (decoding.whitespace = "spaced") as llguidance's options, which every schema
+# carries (`guidance_schema`); None: the engine's whitespace setting alone.
+JSON_LAYOUT = None
 CHAT_TEMPLATE_KWARGS = {"enable_thinking": THINKING}  # chat templates without the switch ignore it
 
 # Request limits
@@ -501,6 +504,8 @@ def closed_objects(schema: Any, closable: bool = True, defs_closable: bool | Non
 def guidance_schema(schema: dict[str, Any], *, lenient: bool = False) -> dict[str, Any]:
     """`schema` for llguidance. Objects that list their properties are closed (no properties they
     do not declare), as XGrammar's strict mode closes them: the same output whichever backend runs.
+    A fixed JSON_LAYOUT goes in as the schema's `x-guidance` options, which llguidance reads after
+    the engine's whitespace default (and in place of the request's own).
 
     `lenient` is for a schema only vLLM's XGrammar validator takes as it is: property dependencies
     become the `anyOf` they mean, `{"not": {}}` becomes `false`, and llguidance then ignores what it
@@ -523,7 +528,8 @@ def guidance_schema(schema: dict[str, Any], *, lenient: bool = False) -> dict[st
     rewritten = closed_objects(each_subschema(schema, rewrite))
     if rewritten is False:
         raise ValueError("the schema admits no JSON value (`not: {}`)")
-    return {**rewritten, "x-guidance": {"lenient": True, "coerce_one_of": True}} if lenient else rewritten
+    options = {**(JSON_LAYOUT or {}), **({"lenient": True, "coerce_one_of": True} if lenient else {})}
+    return {**rewritten, "x-guidance": options} if options else rewritten
 
 
 CHARS_PER_TOKEN = 64  # more than the longest token of any real vocabulary

@@ -103,6 +103,9 @@ ENGINE_ARGS = {
 # The structured-output backend the engine runs (one per engine: vLLM compiles every grammar with it).
 BACKEND = "guidance"
 COMPACT_JSON = True  # no free whitespace between JSON tokens (in ENGINE_ARGS too)
+# A fixed layout (decoding.whitespace = "spaced") as llguidance's options, which every schema
+# carries (`guidance_schema`); None: the engine's whitespace setting alone.
+JSON_LAYOUT = None
 CHAT_TEMPLATE_KWARGS = {"enable_thinking": THINKING}  # chat templates without the switch ignore it
 
 # Request limits
@@ -588,6 +591,8 @@ def closed_objects(schema: Any, closable: bool = True, defs_closable: bool | Non
 def guidance_schema(schema: dict[str, Any], *, lenient: bool = False) -> dict[str, Any]:
     """`schema` for llguidance. Objects that list their properties are closed (no properties they
     do not declare), as XGrammar's strict mode closes them: the same output whichever backend runs.
+    A fixed JSON_LAYOUT goes in as the schema's `x-guidance` options, which llguidance reads after
+    the engine's whitespace default (and in place of the request's own).
 
     `lenient` is for a schema only vLLM's XGrammar validator takes as it is: property dependencies
     become the `anyOf` they mean, `{"not": {}}` becomes `false`, and llguidance then ignores what it
@@ -610,7 +615,8 @@ def guidance_schema(schema: dict[str, Any], *, lenient: bool = False) -> dict[st
     rewritten = closed_objects(each_subschema(schema, rewrite))
     if rewritten is False:
         raise ValueError("the schema admits no JSON value (`not: {}`)")
-    return {**rewritten, "x-guidance": {"lenient": True, "coerce_one_of": True}} if lenient else rewritten
+    options = {**(JSON_LAYOUT or {}), **({"lenient": True, "coerce_one_of": True} if lenient else {})}
+    return {**rewritten, "x-guidance": options} if options else rewritten
 
 
 CHARS_PER_TOKEN = 64  # more than the longest token of any real vocabulary
@@ -1241,9 +1247,34 @@ def _checked_body(route: str, body: bytes | None, fields: frozenset[str]):
 
 
 def _with_defaults(route: str, body: dict[str, Any]) -> dict[str, Any]:
-    """A chat request without a token limit gets this deployment's default, not the whole context."""
+    """A chat request without a token limit gets this deployment's default, not the whole context;
+    with a fixed JSON_LAYOUT, its schemas get it as `generate` gives it."""
     if route == "/v1/chat/completions" and body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
-        return {**body, "max_completion_tokens": DEFAULT_MAX_TOKENS}
+        body = {**body, "max_completion_tokens": DEFAULT_MAX_TOKENS}
+    return _laid_out(body) if JSON_LAYOUT else body
+
+
+def _laid_out(body: dict[str, Any]) -> dict[str, Any]:
+    """`body` with JSON_LAYOUT in each schema it constrains the answer with (`x-guidance`). Tool
+    calls and `json_object` are constrained by vLLM alone: compact (ENGINE_ARGS)."""
+
+    def lay_out(schema: Any) -> Any:
+        if isinstance(schema, str):  # vLLM takes a schema as JSON text too
+            with contextlib.suppress(ValueError, RecursionError):
+                parsed = json.loads(schema)
+                return json.dumps(lay_out(parsed)) if isinstance(parsed, dict) else schema
+        return {**schema, "x-guidance": JSON_LAYOUT} if isinstance(schema, dict) else schema
+
+    body = dict(body)
+    if "guided_json" in body:
+        body["guided_json"] = lay_out(body["guided_json"])
+    outputs = body.get("structured_outputs")
+    if isinstance(outputs, dict) and "json" in outputs:
+        body["structured_outputs"] = {**outputs, "json": lay_out(outputs["json"])}
+    fmt = body.get("response_format")
+    spec = fmt.get("json_schema") if isinstance(fmt, dict) else None
+    if isinstance(spec, dict) and "schema" in spec:
+        body["response_format"] = {**fmt, "json_schema": {**spec, "schema": lay_out(spec["schema"])}}
     return body
 
 

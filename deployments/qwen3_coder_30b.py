@@ -84,6 +84,7 @@ cache_volume = modal.Volume.from_name("lift-sys-sglang-cache", create_if_missing
 # The structured-output backend SGLang runs (one per server: its --grammar-backend in SERVER_ARGS).
 BACKEND = "guidance"
 COMPACT_JSON = True  # no free whitespace between JSON tokens (in SERVER_ARGS too)
+JSON_LAYOUT = None  # fixed layouts (`spaced`) are for vLLM's guidance backend only
 # Hybrid-thinking models (Qwen3) answer at once, no thinking first; other chat templates ignore it.
 CHAT_TEMPLATE_KWARGS = {"enable_thinking": False}
 
@@ -487,6 +488,8 @@ def closed_objects(schema: Any, closable: bool = True, defs_closable: bool | Non
 def guidance_schema(schema: dict[str, Any], *, lenient: bool = False) -> dict[str, Any]:
     """`schema` for llguidance. Objects that list their properties are closed (no properties they
     do not declare), as XGrammar's strict mode closes them: the same output whichever backend runs.
+    A fixed JSON_LAYOUT goes in as the schema's `x-guidance` options, which llguidance reads after
+    the engine's whitespace default (and in place of the request's own).
 
     `lenient` is for a schema only vLLM's XGrammar validator takes as it is: property dependencies
     become the `anyOf` they mean, `{"not": {}}` becomes `false`, and llguidance then ignores what it
@@ -509,7 +512,8 @@ def guidance_schema(schema: dict[str, Any], *, lenient: bool = False) -> dict[st
     rewritten = closed_objects(each_subschema(schema, rewrite))
     if rewritten is False:
         raise ValueError("the schema admits no JSON value (`not: {}`)")
-    return {**rewritten, "x-guidance": {"lenient": True, "coerce_one_of": True}} if lenient else rewritten
+    options = {**(JSON_LAYOUT or {}), **({"lenient": True, "coerce_one_of": True} if lenient else {})}
+    return {**rewritten, "x-guidance": options} if options else rewritten
 
 
 CHARS_PER_TOKEN = 64  # more than the longest token of any real vocabulary

@@ -104,6 +104,11 @@ def _environment() -> jinja2.Environment:
 # (Modal's vLLM snapshot examples use it); waking copies the weights back.
 SLEEP_LEVEL = 1
 
+# Each fixed layout of `decoding.whitespace` as llguidance's JSON options, which the rendered module
+# puts in every schema (`x-guidance`, read after vLLM's whitespace default): no free whitespace, and
+# the separators json.dumps writes by default.
+JSON_LAYOUTS = {"spaced": {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}}
+
 
 def engine_args(m: Manifest) -> dict[str, Any]:
     """vLLM engine arguments, in the pinned release's names (contract-tested on each API family's
@@ -133,7 +138,7 @@ def engine_args(m: Manifest) -> dict[str, Any]:
         args["reasoning_parser"] = m.model.parser  # constrain the answer, not the thinking
     if m.volumes.weights:
         args["download_dir"] = m.volumes.weights.mount + "/hub"
-    compact = m.whitespace == "compact"
+    compact = m.whitespace != "any"  # a fixed layout too: what a request's schema does not lay out stays compact
     if api_family(m.image.vllm) == "guided_decoding":
         args["guided_decoding_backend"] = m.backend
         if compact:
@@ -223,6 +228,7 @@ def context(loaded: Loaded) -> dict[str, Any]:
         "gpu_chain": m.gpu_chain(),
         "backend": m.backend,
         "whitespace": m.whitespace,
+        "json_layout": JSON_LAYOUTS.get(m.whitespace),
         "volumes_expr": "{" + ", ".join(mounts) + "}" if mounts else "",
         "secrets": secrets,
         "sleep_level": SLEEP_LEVEL,

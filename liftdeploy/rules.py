@@ -102,6 +102,11 @@ def decoding(loaded: Loaded) -> Iterator[Diagnostic]:
                     f"vllm {m.image.vllm} cannot keep constrained JSON compact (disable_any_whitespace "
                     "came with vLLM's V1 structured outputs, 0.9 and later)",
                     'pin vllm>=0.9, or set `whitespace = "any"`')
+    if m.decoding.whitespace == "spaced" and m.backend != "guidance":
+        yield error(loaded, "whitespace-layout-unavailable", "decoding.whitespace",
+                    "the `spaced` layout reaches only llguidance (as the schema's `x-guidance` options); vLLM "
+                    f"gives {m.backend} just its on/off switch for free whitespace",
+                    'set `backend = "guidance"` (vLLM 0.9 or later), or `whitespace = "compact"`')
     xgrammar = compat.xgrammar_version(m.image.pins, m.image.vllm)
     if m.backend == "xgrammar" and compat.xgrammar_bounded_strings_defect(xgrammar):
         yield warning(loaded, "xgrammar-bounded-strings", "decoding.backend",

@@ -9,6 +9,7 @@ environment, and what SGLang has no equivalent for (refused, with a hint).
 | `model.gpu_memory_utilization` | `--mem-fraction-static` (weights and KV cache pool) |
 | `decoding.backend` | `--grammar-backend` (`guidance` is SGLang's `llguidance`) |
 | `decoding.whitespace = "compact"` | `--constrained-json-disable-any-whitespace` (0.5.3.post2 and later) |
+| `decoding.whitespace = "spaced"` | none: refused (no separator setting) |
 | `concurrency.max_inputs` | `--max-running-requests`, `--cuda-graph-max-bs` (`-decode` from 0.5.14) |
 | `cold_start.fast_boot` | `--disable-cuda-graph` |
 | `cold_start.snapshot` | `--enable-memory-saver` (+ `--enable-weights-cpu-backup`), released before the snapshot |
@@ -65,6 +66,10 @@ def refusals(m: Manifest) -> list[tuple[tuple[str, ...], str, str]]:
                     f"(`--constrained-json-disable-any-whitespace` came in "
                     f"{compat_sglang.FEATURES['disable-any-whitespace'].since})",
                     'pin sglang>=0.5.3.post2, or set `whitespace = "any"`'))
+    if m.whitespace == "spaced":
+        out.append((("decoding", "whitespace"), "the `spaced` layout is for vLLM's guidance backend; SGLang "
+                    "has no setting for JSON separators (only `--constrained-json-disable-any-whitespace`)",
+                    'set `whitespace = "compact"` or `"any"`, or serve with `[engine] kind = "vllm"`'))
     if "schema_compile_timeout" in m.decoding.model_fields_set and not compat_sglang.supports(v, "grammar-timeout-env"):
         out.append((("decoding", "schema_compile_timeout"), f"sglang {v} takes no grammar compile timeout "
                     "(`SGLANG_GRAMMAR_TIMEOUT` is read by 0.4.6.post4 to 0.5.7 only)",

@@ -161,3 +161,24 @@ def test_one_definition_of_a_token():
     for name in ("huggingface", "lift-sys-api-token", "hf_short", "sk-abc"):
         assert not is_token(name) and not scanned(name), name
 
+
+
+@pytest.mark.parametrize(
+    ("decoding", "pins", "expected"),
+    [
+        ('whitespace = "spaced"', PINS, None),  # vLLM 0.9.2, guidance by default
+        ('whitespace = "spaced"\nbackend = "xgrammar"', PINS, "whitespace-layout-unavailable"),
+        ('whitespace = "spaced"', 'pins = { vllm = "0.8.5" }', "whitespace-layout-unavailable"),  # xgrammar only
+    ],
+    ids=["guidance-0.9.2", "xgrammar", "before-0.9"],
+)
+def test_spaced_layout_needs_the_guidance_backend(tmp_path, decoding, pins, expected):
+    path = manifest(tmp_path, ("[decoding]\n", f"[decoding]\n{decoding}\n"), (PINS, pins))
+    found = codes(path)
+    if expected is None:
+        assert not [c for c, sev in found.items() if sev == "error"], found
+        return
+    assert found.get(expected) == "error", found
+    out = run_check(str(path)).stdout
+    assert f"error[{expected}]" in out and "the `spaced` layout reaches only llguidance" in out
+    assert 'hint: set `backend = "guidance"` (vLLM 0.9 or later), or `whitespace = "compact"`' in out

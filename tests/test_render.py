@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import json
 import math
 import os
 import shlex
@@ -526,3 +527,25 @@ def test_write_atomic_replaces_whole_files_and_cleans_up_on_failure(tmp_path: Pa
     assert target.read_text() == "second\n"  # the old file is intact
     assert os.listdir(target.parent) == ["module.py"]  # and no temp file is left behind
     assert target.read_bytes().count(b"\r") == 0
+
+
+@pytest.mark.parametrize("whitespace", ["compact", "spaced", "any"])
+@pytest.mark.parametrize("name", ["qwen32b.toml", "qwen3-8b.toml"], ids=["guided_decoding", "structured_outputs"])
+def test_whitespace_renders_the_engine_flag_and_the_layout(tmp_path: Path, name: str, whitespace: str) -> None:
+    """`spaced` is compact for the engine (what no schema lays out stays compact) plus llguidance's
+    layout options for every schema; the layout is json.dumps's default separators."""
+    text = (DEPLOYMENTS / name).read_text()
+    setting = f'[decoding]\nwhitespace = "{whitespace}"\n'
+    path = tmp_path / name
+    path.write_text(text.replace("[decoding]\n", setting) if "[decoding]\n" in text else text + "\n" + setting)
+    values = _assignments(ast.parse(rendering.render(load(path))))
+    engine = ast.literal_eval(values["ENGINE_ARGS"])
+    flag = engine.get("guided_decoding_disable_any_whitespace",
+                      engine.get("structured_outputs_config", {}).get("disable_any_whitespace", False))
+    assert flag is (whitespace != "any") and ast.literal_eval(values["COMPACT_JSON"]) is flag
+    layout = ast.literal_eval(values["JSON_LAYOUT"])
+    if whitespace == "spaced":
+        assert layout == {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+        assert json.dumps({"a": [1, 2]}) == '{"a"' + layout["key_separator"] + "[1" + layout["item_separator"] + "2]}"
+    else:
+        assert layout is None

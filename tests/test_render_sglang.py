@@ -144,9 +144,11 @@ def test_module_imports_without_sglang_and_speaks_its_protocol() -> None:
         ({"decoding": {"backend": "guidance", "schema_compile_timeout": 5.0},
           "image": {"pins": {"sglang[all]": "0.5.9"}}},
          "sglang 0.5.9 takes no grammar compile timeout", "remove `schema_compile_timeout`"),
+        ({"decoding": {"backend": "guidance", "whitespace": "spaced"}},
+         "the `spaced` layout is for vLLM's guidance backend", 'set `whitespace = "compact"`'),
     ],
     ids=["auto", "llguidance-0.4.3", "snapshot-0.4.1", "no-sglang-pin", "both-engines", "too-old", "typo",
-         "compile-timeout-0.5.9"],
+         "compile-timeout-0.5.9", "spaced"],
 )
 def test_refused_with_error_and_hint(tmp_path: Path, changes: dict[str, Any], message: str, hint: str) -> None:
     data = seeds()

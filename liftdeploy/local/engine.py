@@ -42,7 +42,7 @@ class LocalEngine:
     ``model_path`` is a local Hugging Face model directory; ``None`` serves the built-in tiny
     smoke model of ``family`` (see :func:`liftdeploy.local.smoke.smoke_model_dir`). ``runtime`` is
     the rendered module whose engine this stands in for (or see :meth:`for_module`): its BACKEND,
-    COMPACT_JSON, CHAT_TEMPLATE_KWARGS and schema rewrites are used as they are. Without one the
+    COMPACT_JSON, JSON_LAYOUT, CHAT_TEMPLATE_KWARGS and schema rewrites are used as they are. Without one the
     engine generates unconstrained text only.
     """
 
@@ -158,7 +158,7 @@ class LocalEngine:
             raise RuntimeError("a schema needs the rendered module's decoding settings: LocalEngine.for_module(module)")
         if not isinstance(schema, dict):
             raise ValueError(f"schema must be a JSON object, not {type(schema).__name__}")  # noqa: TRY004
-        key = f"{self.backend} {self.runtime.COMPACT_JSON} {_key(schema)}"
+        key = f"{self.backend} {self.runtime.COMPACT_JSON} {self.runtime.JSON_LAYOUT} {_key(schema)}"
         with self._grammar_lock:
             cached = self._grammars.get(key)
             if cached is not None:

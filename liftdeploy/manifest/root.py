@@ -174,7 +174,7 @@ class Manifest(Section):
 
     @property
     def whitespace(self) -> str:
-        """`compact` or `any`: the manifest's, else compact where the pinned engine can keep JSON compact."""
+        """`compact`, `spaced` or `any`: the manifest's, else compact where the pinned engine can keep JSON compact."""
         if self.decoding.whitespace:
             return self.decoding.whitespace
         if self.engine.kind is EngineKind.sglang:

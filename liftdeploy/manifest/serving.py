@@ -191,9 +191,11 @@ class DecodingSection(Section):
         None, description="Structured-output backend inside vLLM; default: guidance where the pinned vLLM "
         "has it (0.9 and later), else xgrammar.",
     )
-    whitespace: Literal["compact", "any"] | None = Field(
+    whitespace: Literal["compact", "spaced", "any"] | None = Field(
         None, description="`compact`: no free whitespace between JSON tokens (fewer tokens; vLLM 0.9 or later, "
-        "SGLang 0.5.3.post2 or later); `any`: the backend's default, which lets the model spend tokens on "
+        "SGLang 0.5.3.post2 or later); `spaced`: no free whitespace either, but json.dumps's one-line layout, "
+        '`", "` between items and `": "` after keys, the spacing models saw most (vLLM 0.9 or later with '
+        "`backend = \"guidance\"`); `any`: the backend's default, which lets the model spend tokens on "
         "whitespace. Default: compact where the pinned engine can, else any.", examples=["compact"],
     )
     retries_on_invalid: int = Field(
