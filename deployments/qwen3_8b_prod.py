@@ -1212,8 +1212,11 @@ class OpenAIServer:
         if path not in GENERATION_ROUTES:
             await self.app(scope, receive, send)
             return
+        respond = send
+        if _schema_places(body):
+            respond = _dead_ends_refused(respond)
         async with LIMITER:  # this container's turn, shared with `generate`
-            await self.app(*_replayed(scope, receive, _with_defaults(path, body)), send)
+            await self.app(*_replayed(scope, receive, _with_defaults(path, body)), respond)
 
     async def lifespan(self, receive, send) -> None:
         while True:
@@ -1346,6 +1349,33 @@ def _with_schema(body: Any, place: tuple[str | int, ...], schema: dict[str, Any]
     if isinstance(body, list):
         return [_with_schema(item, rest, schema) if index == head else item for index, item in enumerate(body)]
     return {**body, head: _with_schema(body[head], rest, schema)}
+
+
+def _dead_ends_refused(send):
+    """vLLM ends a request whose grammar rejects a token its own mask allowed (a schema that cannot be
+    followed, found while generating) with finish_reason "error", and its server answers that with a
+    bare 500 "Internal server error": answered as `generate` answers it, a 400 saying why."""
+    start, body = None, b""
+
+    async def send_refused(message):
+        nonlocal start, body
+        if message["type"] == "http.response.start" and message["status"] == 500:
+            start = message
+        elif start is None:
+            await send(message)
+        else:
+            body += message.get("body", b"")
+            if message.get("more_body"):
+                return
+            if b'"Internal server error"' in body:  # vLLM's GenerationError, and nothing else
+                await openai_error(400, "request refused by the engine: the grammar rejected a token its own mask "
+                                        "allowed: the schema cannot be followed")(
+                    {"type": "http"}, None, send)
+                return
+            await send(start)
+            await send({"type": "http.response.body", "body": body})
+
+    return send_refused
 
 
 def _with_defaults(route: str, body: dict[str, Any]) -> dict[str, Any]:
