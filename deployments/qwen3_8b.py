@@ -1213,7 +1213,7 @@ class OpenAIServer:
             await self.app(scope, receive, send)
             return
         respond = send
-        if _schema_places(body):
+        if _schema_places(body) or body.get("structured_outputs") is not None:  # constrained by a grammar
             respond = _dead_ends_refused(respond)
         async with LIMITER:  # this container's turn, shared with `generate`
             await self.app(*_replayed(scope, receive, _with_defaults(path, body)), respond)
@@ -1352,9 +1352,10 @@ def _with_schema(body: Any, place: tuple[str | int, ...], schema: dict[str, Any]
 
 
 def _dead_ends_refused(send):
-    """vLLM ends a request whose grammar rejects a token its own mask allowed (a schema that cannot be
-    followed, found while generating) with finish_reason "error", and its server answers that with a
-    bare 500 "Internal server error": answered as `generate` answers it, a 400 saying why."""
+    """vLLM ends a request whose grammar rejects a token its own mask allowed (a schema or pattern
+    that cannot be followed, found while generating; llguidance gives up on some) with finish_reason
+    "error", and its server answers that with a bare 500 "Internal server error": answered as
+    `generate` answers it, a 400 saying why."""
     start, body = None, b""
 
     async def send_refused(message):
@@ -1369,7 +1370,7 @@ def _dead_ends_refused(send):
                 return
             if b'"Internal server error"' in body:  # vLLM's GenerationError, and nothing else
                 await openai_error(400, "request refused by the engine: the grammar rejected a token its own mask "
-                                        "allowed: the schema cannot be followed")(
+                                        "allowed: the constraint cannot be followed")(
                     {"type": "http"}, None, send)
                 return
             await send(start)

@@ -400,8 +400,11 @@ def test_pathological_schemas_through_the_openai_route(server, client):
     assert rss_mb(server.process) - before < RSS_BOUND_MB
     assert chat(client, max_tokens=2).choices
     # a grammar that dead-ends while generating (llguidance gives up on `required-self` after its first
-    # token): vLLM's server answers a bare 500, the route a 400 as `generate` does
+    # token, on a regex of a million states): vLLM's server answers a bare 500, the route a 400 as `generate` does
     assert answered["required-self"] == 400
+    regex = post(server.url, "/v1/chat/completions", request("/v1/chat/completions",
+                                                              structured_outputs={"regex": "a{1000000}"}))
+    assert regex.status_code == 400 and "cannot be followed" in error_of(regex)["message"]
     refused_by_generate = {name for name, (_, expected) in CASES.items() if expected == "4xx"}
     # a dead end after a prefix is found by generate's verdict, after generating: not a pre-check refusal
     assert {name for name in refused_by_generate if answered[name] == 200} <= {"dead-end-ref"}, answered

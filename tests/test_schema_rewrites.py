@@ -127,7 +127,7 @@ def test_llguidance_enforces_exactly_the_guidance_formats(runtime):
 
 def test_vllm_s_xgrammar_validator_takes_exactly_the_xgrammar_formats(runtime):
     backend = pytest.importorskip("vllm.v1.structured_output.backend_xgrammar")
-    assert backend.STRING_SUPPORTED_FORMATS == runtime.ENFORCED_FORMATS["xgrammar"]
+    assert runtime.ENFORCED_FORMATS["xgrammar"] == backend.STRING_SUPPORTED_FORMATS
 
 
 def test_unknown_formats_are_dropped_everywhere_and_nothing_else(runtime):
