@@ -210,6 +210,48 @@ def sampling_params(schema: dict[str, Any] | None, *, max_tokens: int, temperatu
     )
 
 
+def vllm_constrained(schema: dict[str, Any], ll_tokenizer: Any = None) -> dict[str, Any]:
+    """The schema this deployment's backend is given for `schema`, as vLLM's own request validators
+    take it; ValueError with their whole reason when they refuse it. Needs vLLM's classes only, not
+    an engine (`ll_tokenizer`: llguidance's tokenizer, for the guidance backend), so the local
+    stand-in refuses exactly what the engine refuses.
+
+    One backend serves every request, so the pre-check decides what it is given: a schema that
+    only XGrammar's validator accepts is served by llguidance leniently (`guidance_schema`);
+    with XGrammar, bounded strings are rewritten (`xgrammar_safe`)."""
+    import jsonschema
+    from vllm.v1.structured_output.backend_guidance import validate_guidance_grammar
+    from vllm.v1.structured_output.backend_xgrammar import validate_xgrammar_grammar
+
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        raise ValueError(f"invalid JSON Schema: {exc.message}") from None
+    except RecursionError:
+        raise ValueError("the schema nests too deeply to be checked") from None
+
+    def refused(check, constrained: dict[str, Any], **kwargs: Any) -> str | None:
+        params = sampling_params(constrained, max_tokens=1, temperature=1.0, top_p=1.0)
+        try:
+            check(params, **kwargs)
+        except Exception as exc:  # ValueError, or VLLMValidationError in newer releases
+            return whole_reason(str(exc)) or type(exc).__name__
+        return None
+
+    if BACKEND == "guidance":
+        constrained = guidance_schema(schema)
+        why = refused(validate_guidance_grammar, constrained, tokenizer=ll_tokenizer)
+        if why is not None and refused(validate_xgrammar_grammar, schema) is None:
+            constrained = guidance_schema(schema, lenient=True)
+            why = refused(validate_guidance_grammar, constrained, tokenizer=ll_tokenizer)
+    else:
+        constrained = xgrammar_safe(schema)
+        why = refused(validate_xgrammar_grammar, constrained)
+    if why is not None:
+        raise ValueError(why)
+    return constrained
+
+
 class VLLMEngine:
     """vLLM's async engine: concurrent requests are batched on the GPU, not serialized."""
 
@@ -253,53 +295,22 @@ class VLLMEngine:
         return self._backend
 
     def prepare(self, schema: dict[str, Any]) -> dict[str, Any]:
-        """The schema to constrain with, checked by vLLM's own validators and compiled by the
-        engine's backend; ValueError with vLLM's reason when the engine cannot take it.
-
-        One backend serves every request, so the pre-check decides what it is given: a schema that
-        only XGrammar's validator accepts is served by llguidance leniently (`guidance_schema`);
-        with XGrammar, bounded strings are rewritten (`xgrammar_safe`)."""
-        import jsonschema
-        from vllm.v1.structured_output.backend_guidance import validate_guidance_grammar
+        """The schema to constrain with, checked by vLLM's own validators (`vllm_constrained`) and
+        compiled by the engine's backend; ValueError with the backend's reason when it cannot take it."""
         from vllm.v1.structured_output.backend_types import StructuredOutputOptions
-        from vllm.v1.structured_output.backend_xgrammar import validate_xgrammar_grammar
 
-        try:
-            jsonschema.validators.validator_for(schema).check_schema(schema)
-        except jsonschema.SchemaError as exc:
-            raise ValueError(f"invalid JSON Schema: {exc.message}") from None
-        except RecursionError:
-            raise ValueError("the schema nests too deeply to be checked") from None
         backend = self._grammar_backend()
-
-        def refused(check, constrained: dict[str, Any], **kwargs: Any) -> str | None:
-            try:
-                check(sampling_params(constrained, max_tokens=1, temperature=1.0, top_p=1.0), **kwargs)
-            except Exception as exc:  # ValueError, or VLLMValidationError in newer releases
-                return str(exc).splitlines()[0][:500] if str(exc) else type(exc).__name__
-            return None
-
-        if BACKEND == "guidance":
-            constrained = guidance_schema(schema)
-            why = refused(validate_guidance_grammar, constrained, tokenizer=backend.ll_tokenizer)
-            if why is not None and refused(validate_xgrammar_grammar, schema) is None:
-                constrained = guidance_schema(schema, lenient=True)
-                why = refused(validate_guidance_grammar, constrained, tokenizer=backend.ll_tokenizer)
-        else:
-            constrained = xgrammar_safe(schema)
-            why = refused(validate_xgrammar_grammar, constrained)
-        if why is not None:
-            raise ValueError(why)
+        constrained = vllm_constrained(schema, backend.ll_tokenizer if BACKEND == "guidance" else None)
         try:
             grammar = backend.compile_grammar(StructuredOutputOptions.JSON, json.dumps(constrained))
         except Exception as exc:
-            raise ValueError(f"{BACKEND} cannot compile the schema: {str(exc).splitlines()[0][:400]}") from None
+            raise ValueError(f"{BACKEND} cannot compile the schema: {whole_reason(str(exc))}") from None
         first = backend.allocate_token_bitmask(1)  # the engine's first step: which tokens may start
         grammar.fill_bitmask(first, 0)
         matcher = getattr(grammar, "ll_matcher", None)  # llguidance reports errors instead of raising
         error = matcher.get_error() if matcher is not None else ""
         if error or not first.any():
-            why = f" ({error.splitlines()[0][:200]})" if error else ""
+            why = f" ({whole_reason(error)})" if error else ""
             raise ValueError(f"the schema admits no JSON value{why}")
         return constrained
 
@@ -326,7 +337,7 @@ class VLLMEngine:
                 await asyncio.to_thread(self._died)
                 raise Busy("the engine has stopped") from None
             if any(cls.__name__ == "VLLMClientError" for cls in type(exc).__mro__):
-                raise ValueError(str(exc).splitlines()[0][:500]) from None
+                raise ValueError(whole_reason(str(exc))) from None
             raise
         completion = final.outputs[0]
         if completion.finish_reason == "error":  # vLLM's grammar rejected a token its own mask allowed
@@ -556,6 +567,43 @@ def within_budget(schema: dict[str, Any]) -> dict[str, Any]:
     return each_subschema(schema, fit)
 
 
+# The formats each backend enforces: vLLM's XGrammar validator's list, and llguidance's own. Any other
+# `format` (`byte`, `binary`, `base64url`...) is the annotation JSON Schema 2020-12 makes it: dropped
+# from the schema the backend is given (vLLM refuses a format its backend does not know), kept in the
+# schema outputs are validated against (jsonschema ignores formats it does not know too).
+ENFORCED_FORMATS = {
+    "xgrammar": frozenset({"email", "date", "time", "date-time", "duration", "ipv4", "ipv6", "hostname", "uuid",
+                           "uri", "uri-reference", "uri-template", "json-pointer", "relative-json-pointer"}),
+    "guidance": frozenset({"email", "date", "time", "date-time", "duration", "ipv4", "ipv6", "hostname", "uuid",
+                           "uri"}),
+}
+
+
+def without_unknown_formats(schema: dict[str, Any]) -> dict[str, Any]:
+    """`schema` without the formats this deployment's backend does not enforce."""
+    known = ENFORCED_FORMATS.get(BACKEND)
+
+    def drop(node: dict[str, Any]) -> dict[str, Any]:
+        if known is not None and isinstance(node.get("format"), str) and node["format"] not in known:
+            del node["format"]
+        return node
+
+    return each_subschema(schema, drop)
+
+
+def served_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """`schema` as every route hands it to the engine: within the token budget, unknown formats dropped."""
+    return without_unknown_formats(within_budget(schema))
+
+
+MAX_REASON_CHARS = 1000
+
+
+def whole_reason(text: str) -> str:
+    """A backend's reason as a client is told it: every line of it, on one line, bounded in length."""
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())[:MAX_REASON_CHARS]
+
+
 def schema_problem(output: Any, schema: dict[str, Any]) -> str | None:
     """Where `output` breaks `schema` (jsonschema), or None when it is valid."""
     import jsonschema
@@ -590,7 +638,7 @@ class SchemaGate:
     def _prepared(self, key: str, schema: dict[str, Any]) -> Any:
         try:
             try:
-                prepared = self._prepare(within_budget(schema))
+                prepared = self._prepare(served_schema(schema))
             except ValueError as exc:  # a refusal is remembered too: the same schema is refused again
                 prepared = exc
             with self._lock:

@@ -279,6 +279,48 @@ def sampling_params(schema: dict[str, Any] | None, *, max_tokens: int, temperatu
     )
 
 
+def vllm_constrained(schema: dict[str, Any], ll_tokenizer: Any = None) -> dict[str, Any]:
+    """The schema this deployment's backend is given for `schema`, as vLLM's own request validators
+    take it; ValueError with their whole reason when they refuse it. Needs vLLM's classes only, not
+    an engine (`ll_tokenizer`: llguidance's tokenizer, for the guidance backend), so the local
+    stand-in refuses exactly what the engine refuses.
+
+    One backend serves every request, so the pre-check decides what it is given: a schema that
+    only XGrammar's validator accepts is served by llguidance leniently (`guidance_schema`);
+    with XGrammar, bounded strings are rewritten (`xgrammar_safe`)."""
+    import jsonschema
+    from vllm.v1.structured_output.backend_guidance import validate_guidance_grammar
+    from vllm.v1.structured_output.backend_xgrammar import validate_xgrammar_grammar
+
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        raise ValueError(f"invalid JSON Schema: {exc.message}") from None
+    except RecursionError:
+        raise ValueError("the schema nests too deeply to be checked") from None
+
+    def refused(check, constrained: dict[str, Any], **kwargs: Any) -> str | None:
+        params = sampling_params(constrained, max_tokens=1, temperature=1.0, top_p=1.0)
+        try:
+            check(params, **kwargs)
+        except Exception as exc:  # ValueError, or VLLMValidationError in newer releases
+            return whole_reason(str(exc)) or type(exc).__name__
+        return None
+
+    if BACKEND == "guidance":
+        constrained = guidance_schema(schema)
+        why = refused(validate_guidance_grammar, constrained, tokenizer=ll_tokenizer)
+        if why is not None and refused(validate_xgrammar_grammar, schema) is None:
+            constrained = guidance_schema(schema, lenient=True)
+            why = refused(validate_guidance_grammar, constrained, tokenizer=ll_tokenizer)
+    else:
+        constrained = xgrammar_safe(schema)
+        why = refused(validate_xgrammar_grammar, constrained)
+    if why is not None:
+        raise ValueError(why)
+    return constrained
+
+
 class VLLMEngine:
     """vLLM's async engine: concurrent requests are batched on the GPU, not serialized."""
 
@@ -341,53 +383,22 @@ class VLLMEngine:
         return self._backend
 
     def prepare(self, schema: dict[str, Any]) -> dict[str, Any]:
-        """The schema to constrain with, checked by vLLM's own validators and compiled by the
-        engine's backend; ValueError with vLLM's reason when the engine cannot take it.
-
-        One backend serves every request, so the pre-check decides what it is given: a schema that
-        only XGrammar's validator accepts is served by llguidance leniently (`guidance_schema`);
-        with XGrammar, bounded strings are rewritten (`xgrammar_safe`)."""
-        import jsonschema
-        from vllm.v1.structured_output.backend_guidance import validate_guidance_grammar
+        """The schema to constrain with, checked by vLLM's own validators (`vllm_constrained`) and
+        compiled by the engine's backend; ValueError with the backend's reason when it cannot take it."""
         from vllm.v1.structured_output.backend_types import StructuredOutputOptions
-        from vllm.v1.structured_output.backend_xgrammar import validate_xgrammar_grammar
 
-        try:
-            jsonschema.validators.validator_for(schema).check_schema(schema)
-        except jsonschema.SchemaError as exc:
-            raise ValueError(f"invalid JSON Schema: {exc.message}") from None
-        except RecursionError:
-            raise ValueError("the schema nests too deeply to be checked") from None
         backend = self._grammar_backend()
-
-        def refused(check, constrained: dict[str, Any], **kwargs: Any) -> str | None:
-            try:
-                check(sampling_params(constrained, max_tokens=1, temperature=1.0, top_p=1.0), **kwargs)
-            except Exception as exc:  # ValueError, or VLLMValidationError in newer releases
-                return str(exc).splitlines()[0][:500] if str(exc) else type(exc).__name__
-            return None
-
-        if BACKEND == "guidance":
-            constrained = guidance_schema(schema)
-            why = refused(validate_guidance_grammar, constrained, tokenizer=backend.ll_tokenizer)
-            if why is not None and refused(validate_xgrammar_grammar, schema) is None:
-                constrained = guidance_schema(schema, lenient=True)
-                why = refused(validate_guidance_grammar, constrained, tokenizer=backend.ll_tokenizer)
-        else:
-            constrained = xgrammar_safe(schema)
-            why = refused(validate_xgrammar_grammar, constrained)
-        if why is not None:
-            raise ValueError(why)
+        constrained = vllm_constrained(schema, backend.ll_tokenizer if BACKEND == "guidance" else None)
         try:
             grammar = backend.compile_grammar(StructuredOutputOptions.JSON, json.dumps(constrained))
         except Exception as exc:
-            raise ValueError(f"{BACKEND} cannot compile the schema: {str(exc).splitlines()[0][:400]}") from None
+            raise ValueError(f"{BACKEND} cannot compile the schema: {whole_reason(str(exc))}") from None
         first = backend.allocate_token_bitmask(1)  # the engine's first step: which tokens may start
         grammar.fill_bitmask(first, 0)
         matcher = getattr(grammar, "ll_matcher", None)  # llguidance reports errors instead of raising
         error = matcher.get_error() if matcher is not None else ""
         if error or not first.any():
-            why = f" ({error.splitlines()[0][:200]})" if error else ""
+            why = f" ({whole_reason(error)})" if error else ""
             raise ValueError(f"the schema admits no JSON value{why}")
         return constrained
 
@@ -414,7 +425,7 @@ class VLLMEngine:
                 await asyncio.to_thread(self._died)
                 raise Busy("the engine has stopped") from None
             if any(cls.__name__ == "VLLMClientError" for cls in type(exc).__mro__):
-                raise ValueError(str(exc).splitlines()[0][:500]) from None
+                raise ValueError(whole_reason(str(exc))) from None
             raise
         completion = final.outputs[0]
         if completion.finish_reason == "error":  # vLLM's grammar rejected a token its own mask allowed
@@ -644,6 +655,43 @@ def within_budget(schema: dict[str, Any]) -> dict[str, Any]:
     return each_subschema(schema, fit)
 
 
+# The formats each backend enforces: vLLM's XGrammar validator's list, and llguidance's own. Any other
+# `format` (`byte`, `binary`, `base64url`...) is the annotation JSON Schema 2020-12 makes it: dropped
+# from the schema the backend is given (vLLM refuses a format its backend does not know), kept in the
+# schema outputs are validated against (jsonschema ignores formats it does not know too).
+ENFORCED_FORMATS = {
+    "xgrammar": frozenset({"email", "date", "time", "date-time", "duration", "ipv4", "ipv6", "hostname", "uuid",
+                           "uri", "uri-reference", "uri-template", "json-pointer", "relative-json-pointer"}),
+    "guidance": frozenset({"email", "date", "time", "date-time", "duration", "ipv4", "ipv6", "hostname", "uuid",
+                           "uri"}),
+}
+
+
+def without_unknown_formats(schema: dict[str, Any]) -> dict[str, Any]:
+    """`schema` without the formats this deployment's backend does not enforce."""
+    known = ENFORCED_FORMATS.get(BACKEND)
+
+    def drop(node: dict[str, Any]) -> dict[str, Any]:
+        if known is not None and isinstance(node.get("format"), str) and node["format"] not in known:
+            del node["format"]
+        return node
+
+    return each_subschema(schema, drop)
+
+
+def served_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """`schema` as every route hands it to the engine: within the token budget, unknown formats dropped."""
+    return without_unknown_formats(within_budget(schema))
+
+
+MAX_REASON_CHARS = 1000
+
+
+def whole_reason(text: str) -> str:
+    """A backend's reason as a client is told it: every line of it, on one line, bounded in length."""
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())[:MAX_REASON_CHARS]
+
+
 def schema_problem(output: Any, schema: dict[str, Any]) -> str | None:
     """Where `output` breaks `schema` (jsonschema), or None when it is valid."""
     import jsonschema
@@ -678,7 +726,7 @@ class SchemaGate:
     def _prepared(self, key: str, schema: dict[str, Any]) -> Any:
         try:
             try:
-                prepared = self._prepare(within_budget(schema))
+                prepared = self._prepare(served_schema(schema))
             except ValueError as exc:  # a refusal is remembered too: the same schema is refused again
                 prepared = exc
             with self._lock:
@@ -1163,14 +1211,19 @@ class OpenAIServer:
         refusal = await self.refusal(scope, path)
         if refusal is None and path in GENERATION_ROUTES:
             body, refusal = _checked_body(path, await _read_body(receive), self.fields[path])
+        if refusal is None and path in GENERATION_ROUTES:
+            body, refusal = await self.schemas_served(body)
         if refusal is not None:
             await refusal(scope, receive, send)
             return
         if path not in GENERATION_ROUTES:
             await self.app(scope, receive, send)
             return
+        respond = send
+        if _schema_places(body) or body.get("structured_outputs") is not None:  # constrained by a grammar
+            respond = _dead_ends_refused(respond)
         async with LIMITER:  # this container's turn, shared with `generate`
-            await self.app(*_replayed(scope, receive, _with_defaults(path, body)), send)
+            await self.app(*_replayed(scope, receive, _with_defaults(path, body)), respond)
 
     async def lifespan(self, receive, send) -> None:
         while True:
@@ -1191,6 +1244,25 @@ class OpenAIServer:
                 self.app = await vllm_openai_app(self.engine.engine)
                 self.fields = vllm_request_fields()
         return self.app
+
+    async def schemas_served(self, body: dict[str, Any]):
+        """The body with each schema it constrains to as `generate` serves it (`served_schema`), and
+        None; or None and the answer refusing it. Each is pre-checked as `generate` checks it (the
+        token budget, then the engine's own compile), before vLLM builds any grammar from it."""
+        for place in _schema_places(body):
+            param = ".".join(str(part) for part in place)
+            try:
+                schema = _bounded_schema(_schema_at(body, place))  # again: a schema sent as JSON text
+                await self.engine.schemas.prepare(schema)
+            except SchemaTimeout as exc:
+                return None, openai_error(400, f"{param}: {exc}", param=param)
+            except ValueError as exc:
+                return None, openai_error(400, f"{param}: schema cannot be used for constrained decoding: {exc}",
+                                          param=param)
+            except Busy as exc:
+                return None, openai_error(503, f"{exc}; retry shortly", headers={"Retry-After": "5"})
+            body = _with_schema(body, place, served_schema(schema))
+        return body, None
 
     async def refusal(self, scope, path: str):
         """The answer to a request refused before vLLM sees its body, or None."""
@@ -1245,6 +1317,73 @@ def _checked_body(route: str, body: bytes | None, fields: frozenset[str]):
     except (ValueError, RecursionError):  # not JSON, or nested past the parser's stack
         return None, openai_error(400, "the request body is not valid JSON")
     return parsed, openai_refusal(route, parsed, fields)
+
+
+def _schema_places(body: dict[str, Any]) -> list[tuple[str | int, ...]]:
+    """Where a chat or completions request carries a JSON Schema that vLLM compiles into a grammar:
+    `response_format`, `structured_outputs` (and `guided_json` where the release has it), and the
+    parameters of its tools unless `tool_choice` is "none" (a forced call is constrained to them,
+    and strict tool calling builds them into a structural tag)."""
+    places: list[tuple[str | int, ...]] = [("response_format", "json_schema", "schema"), ("structured_outputs", "json"),
+                                           ("guided_json",)]
+    if body.get("tool_choice") != "none" and isinstance(body.get("tools"), list):
+        places += [("tools", index, "function", "parameters") for index in range(len(body["tools"]))]
+    return [place for place in places if _schema_at(body, place) is not None]
+
+
+def _schema_at(body: Any, place: tuple[str | int, ...]) -> dict[str, Any] | None:
+    """The schema at `place` in `body` (a JSON text parsed), or None when there is none."""
+    for part in place:
+        if isinstance(part, int) and isinstance(body, list) and part < len(body):
+            body = body[part]
+        elif isinstance(part, str) and isinstance(body, dict):
+            body = body.get(part)
+        else:
+            return None
+    if isinstance(body, str):
+        try:
+            body = json.loads(body)
+        except (ValueError, RecursionError):
+            return None  # vLLM's own validation answers it
+    return body if isinstance(body, dict) else None
+
+
+def _with_schema(body: Any, place: tuple[str | int, ...], schema: dict[str, Any]) -> Any:
+    """A copy of `body` with `schema` at `place`."""
+    if not place:
+        return schema
+    head, rest = place[0], place[1:]
+    if isinstance(body, list):
+        return [_with_schema(item, rest, schema) if index == head else item for index, item in enumerate(body)]
+    return {**body, head: _with_schema(body[head], rest, schema)}
+
+
+def _dead_ends_refused(send):
+    """vLLM ends a request whose grammar rejects a token its own mask allowed (a schema or pattern
+    that cannot be followed, found while generating; llguidance gives up on some) with finish_reason
+    "error", and its server answers that with a bare 500 "Internal server error": answered as
+    `generate` answers it, a 400 saying why."""
+    start, body = None, b""
+
+    async def send_refused(message):
+        nonlocal start, body
+        if message["type"] == "http.response.start" and message["status"] == 500:
+            start = message
+        elif start is None:
+            await send(message)
+        else:
+            body += message.get("body", b"")
+            if message.get("more_body"):
+                return
+            if b'"Internal server error"' in body:  # vLLM's GenerationError, and nothing else
+                await openai_error(400, "request refused by the engine: the grammar rejected a token its own mask "
+                                        "allowed: the constraint cannot be followed")(
+                    {"type": "http"}, None, send)
+                return
+            await send(start)
+            await send({"type": "http.response.body", "body": body})
+
+    return send_refused
 
 
 def _with_defaults(route: str, body: dict[str, Any]) -> dict[str, Any]:

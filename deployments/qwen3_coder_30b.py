@@ -540,6 +540,43 @@ def within_budget(schema: dict[str, Any]) -> dict[str, Any]:
     return each_subschema(schema, fit)
 
 
+# The formats each backend enforces: vLLM's XGrammar validator's list, and llguidance's own. Any other
+# `format` (`byte`, `binary`, `base64url`...) is the annotation JSON Schema 2020-12 makes it: dropped
+# from the schema the backend is given (vLLM refuses a format its backend does not know), kept in the
+# schema outputs are validated against (jsonschema ignores formats it does not know too).
+ENFORCED_FORMATS = {
+    "xgrammar": frozenset({"email", "date", "time", "date-time", "duration", "ipv4", "ipv6", "hostname", "uuid",
+                           "uri", "uri-reference", "uri-template", "json-pointer", "relative-json-pointer"}),
+    "guidance": frozenset({"email", "date", "time", "date-time", "duration", "ipv4", "ipv6", "hostname", "uuid",
+                           "uri"}),
+}
+
+
+def without_unknown_formats(schema: dict[str, Any]) -> dict[str, Any]:
+    """`schema` without the formats this deployment's backend does not enforce."""
+    known = ENFORCED_FORMATS.get(BACKEND)
+
+    def drop(node: dict[str, Any]) -> dict[str, Any]:
+        if known is not None and isinstance(node.get("format"), str) and node["format"] not in known:
+            del node["format"]
+        return node
+
+    return each_subschema(schema, drop)
+
+
+def served_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """`schema` as every route hands it to the engine: within the token budget, unknown formats dropped."""
+    return without_unknown_formats(within_budget(schema))
+
+
+MAX_REASON_CHARS = 1000
+
+
+def whole_reason(text: str) -> str:
+    """A backend's reason as a client is told it: every line of it, on one line, bounded in length."""
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())[:MAX_REASON_CHARS]
+
+
 def schema_problem(output: Any, schema: dict[str, Any]) -> str | None:
     """Where `output` breaks `schema` (jsonschema), or None when it is valid."""
     import jsonschema
@@ -574,7 +611,7 @@ class SchemaGate:
     def _prepared(self, key: str, schema: dict[str, Any]) -> Any:
         try:
             try:
-                prepared = self._prepare(within_budget(schema))
+                prepared = self._prepare(served_schema(schema))
             except ValueError as exc:  # a refusal is remembered too: the same schema is refused again
                 prepared = exc
             with self._lock:

@@ -383,3 +383,36 @@ def test_concurrent_generate_calls_complete_and_loop_stays_free(engine):
     for res, schema in zip(results, schemas, strict=True):
         _assert_valid(res, schema)
     assert ticks > 3  # the event loop kept running while the model worked in a thread
+
+
+# ---------------------------------------------------------------------- formats and reasons
+
+
+@pytest.mark.parametrize("backend", ["guidance", "xgrammar"])
+@pytest.mark.parametrize("fmt", ["byte", "binary", "base64url"])
+def test_an_unknown_format_is_dropped_for_the_backend_and_kept_for_validation(request, backend, fmt):
+    """A format the backend does not enforce is the annotation JSON Schema makes it: the backend is
+    given the schema without it (vLLM's validators refuse it otherwise), the output is judged by the
+    schema with it."""
+    engine = request.getfixturevalue("engine" if backend == "guidance" else "xgrammar_engine")
+    schema = {"type": "object", "properties": {"data": {"type": "string", "format": fmt, "maxLength": 8}},
+              "required": ["data"], "additionalProperties": False}
+    with pytest.raises(ValueError):  # as it is, refused: xgrammar and llguidance do not know it
+        engine.prepare(schema)
+    served = engine.runtime.served_schema(schema)
+    assert served["properties"]["data"] == {"type": "string", "maxLength": 8}
+    res = _run(engine.generate(MESSAGES, engine.prepare(served), max_tokens=64, temperature=0.0, top_p=1.0))
+    _assert_valid(res, schema)
+
+
+@pytest.mark.parametrize("backend", ["guidance", "xgrammar"])
+def test_a_known_format_is_still_given_to_the_backend(request, backend):
+    engine = request.getfixturevalue("engine" if backend == "guidance" else "xgrammar_engine")
+    schema = {"type": "object", "properties": {"day": {"type": "string", "format": "date"}}, "required": ["day"]}
+    assert engine.prepare(engine.runtime.served_schema(schema))["properties"]["day"]["format"] == "date"
+
+
+def test_a_refusal_keeps_the_backend_s_whole_reason(engine):
+    with pytest.raises(ValueError, match="look-around") as caught:  # the reason is on llguidance's 2nd line
+        engine.prepare({"type": "string", "pattern": "(?=x)abc"})
+    assert "\n" not in str(caught.value)

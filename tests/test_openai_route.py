@@ -52,11 +52,17 @@ def cheap_manifest(folder: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """The server's base URL; the openai endpoint answers under `/openai`."""
+def server(tmp_path_factory):
+    """The running server (its process, its manifest's endpoints)."""
     tmp = tmp_path_factory.mktemp("openai-route")
     with serve_vllm(cheap_manifest(tmp), tmp) as server:
-        yield server.url
+        yield server
+
+
+@pytest.fixture(scope="module")
+def served(server):
+    """The server's base URL; the openai endpoint answers under `/openai`."""
+    return server.url
 
 
 def auth(token: str = TOKEN) -> dict[str, str]:
@@ -341,3 +347,155 @@ def test_eval_on_the_real_engine(served, tmp_path, route):
         assert report["totals"]["stopped_invalid"] == 0
     else:
         assert report["model"] == MODEL
+
+
+# ## One request budget: every route pre-checks a schema as `generate` does, before vLLM builds it
+
+BOMB = {"type": "array", "items": {"type": "integer"}, "minItems": 10**9}  # llguidance builds it out: OOM
+BOMB_REASON = f"minItems 1000000000 cannot be reached within {MAX_TOKENS_LIMIT} tokens"
+RSS_BOUND_MB = 500  # what the server (and vLLM's processes) may grow by over these requests
+
+
+def rss_mb(process) -> float:
+    """The resident memory of the server and every process it started, in MiB."""
+    import psutil
+
+    root = psutil.Process(process.pid)
+    return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]) / 2**20
+
+
+def forced(schema: dict, choice: str | dict) -> dict:
+    return {"tools": [{"type": "function", "function": {"name": "f", "parameters": schema}}], "tool_choice": choice}
+
+
+def request(path: str, **fields) -> dict:
+    prompt = {"prompt": "x"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "x"}]}
+    return {"model": MODEL, **prompt, "max_tokens": 4, **fields}
+
+
+# where a request can carry a schema that vLLM compiles: (route, fields, the param refused)
+SCHEMA_PLACES = {
+    "chat response_format": ("/v1/chat/completions", lambda s: {"response_format": json_schema(s)},
+                             "response_format.json_schema.schema"),
+    "completions response_format": ("/v1/completions", lambda s: {"response_format": json_schema(s)},
+                                    "response_format.json_schema.schema"),
+    "chat structured_outputs": ("/v1/chat/completions", lambda s: {"structured_outputs": {"json": s}},
+                                "structured_outputs.json"),
+    "completions structured_outputs as JSON text": ("/v1/completions",
+                                                    lambda s: {"structured_outputs": {"json": json.dumps(s)}},
+                                                    "structured_outputs.json"),
+    "named tool call": ("/v1/chat/completions", lambda s: forced(s, {"type": "function", "function": {"name": "f"}}),
+                        "tools.0.function.parameters"),
+    "required tool call": ("/v1/chat/completions", lambda s: forced(s, "required"), "tools.0.function.parameters"),
+}
+
+
+def test_the_minitems_bomb_is_refused_on_every_route_and_the_server_lives(server, client):
+    before = rss_mb(server.process)
+    for name, (path, fields, param) in SCHEMA_PLACES.items():
+        response = post(server.url, path, request(path, **fields(BOMB)))
+        assert response.status_code == 400, (name, response.text[:300])
+        error = error_of(response)
+        assert error["param"] == param and BOMB_REASON in error["message"], (name, error)
+    generate = server.post("generate", {"prompt": "x", "schema": BOMB})
+    assert generate.status_code == 400 and BOMB_REASON in generate.json()["detail"]  # the same reason
+    capped = {"type": "array", "items": {"type": "integer"}, "maxItems": 10**9}  # capped, then served
+    for path, fields, _ in SCHEMA_PLACES.values():
+        assert post(server.url, path, request(path, **fields(capped))).status_code == 200, path
+    assert rss_mb(server.process) - before < RSS_BOUND_MB
+    assert chat(client, max_tokens=2).choices
+
+
+def test_pathological_schemas_through_the_openai_route(server, client):
+    """generate's pathological schemas (tests/test_pathological_schemas.py) as `response_format`: never a 5xx,
+    every refusal in OpenAI's shape, memory within the bound, and the server answers after."""
+    from tests.test_pathological_schemas import CASES
+
+    before, answered = rss_mb(server.process), {}
+    for name, (schema, _) in CASES.items():
+        text = schema if isinstance(schema, str) else json.dumps(schema)
+        body = json.dumps(request("/v1/chat/completions"))[:-1] + \
+            ', "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": ' + text + "}}}"
+        response = post(server.url, "/v1/chat/completions", body.encode())
+        assert response.status_code < 500, (name, response.text[:300])
+        if response.status_code >= 400:
+            assert error_of(response)["message"], name
+        answered[name] = response.status_code
+    assert rss_mb(server.process) - before < RSS_BOUND_MB
+    assert chat(client, max_tokens=2).choices
+    # a grammar that dead-ends while generating (llguidance gives up on `required-self` after its first
+    # token, on a regex of a million states): vLLM's server answers a bare 500, the route a 400 as `generate` does
+    assert answered["required-self"] == 400
+    regex = post(server.url, "/v1/chat/completions", request("/v1/chat/completions",
+                                                              structured_outputs={"regex": "a{1000000}"}))
+    assert regex.status_code == 400 and "cannot be followed" in error_of(regex)["message"]
+    refused_by_generate = {name for name, (_, expected) in CASES.items() if expected == "4xx"}
+    # a dead end after a prefix is found by generate's verdict, after generating: not a pre-check refusal
+    assert {name for name in refused_by_generate if answered[name] == 200} <= {"dead-end-ref"}, answered
+
+
+LOOK_AROUND = {"type": "string", "pattern": "(?=x)abc"}
+
+
+def test_a_refusal_carries_the_backend_s_whole_reason(server):
+    detail = server.post("generate", {"prompt": "x", "schema": LOOK_AROUND}).json()["detail"]
+    assert "look-around" in detail and "\n" not in detail, detail
+    response = post(server.url, "/v1/chat/completions", request("/v1/chat/completions",
+                                                                  response_format=json_schema(LOOK_AROUND)))
+    assert response.status_code == 400 and "look-around" in error_of(response)["message"]
+
+
+BINARY = {"type": "object", "properties": {"data": {"type": "string", "format": "byte", "maxLength": 8},
+                                           "blob": {"type": "string", "format": "binary", "maxLength": 8}},
+          "required": ["data", "blob"], "additionalProperties": False}
+
+
+def test_an_unknown_format_is_served_as_an_annotation(server, client):
+    body = server.post("generate", {"prompt": "Some bytes.", "schema": BINARY, "max_tokens": MAX_TOKENS_LIMIT,
+                                    "temperature": 0}).json()
+    assert body["complete"] is True, body
+    jsonschema.validate(body["ir_json"], BINARY)
+    choice = chat(client, response_format=json_schema(BINARY), max_tokens=MAX_TOKENS_LIMIT, temperature=0).choices[0]
+    assert choice.finish_reason == "stop", choice
+    jsonschema.validate(json.loads(choice.message.content), BINARY)
+
+
+# ## Stand-in parity: the transformers stand-in refuses exactly the schemas this engine refuses
+
+
+def test_the_stand_in_refuses_exactly_what_the_engine_refuses(server, tmp_path):
+    from liftdeploy.local.engine import LocalEngine
+    from liftdeploy.local.server import import_rendered
+    from liftdeploy.manifest import load
+    from tests.support.corpus import CORPUS
+    from tests.test_pathological_schemas import CASES
+
+    module = import_rendered(load(cheap_manifest(tmp_path)))  # the same manifest, so the same backend
+    stand_in = LocalEngine(None, max_model_len=2048).for_module(module)
+    schemas = {name: schema for name, (schema, _) in CASES.items() if isinstance(schema, dict)}
+    schemas |= {"look-around": LOOK_AROUND, "format-byte": BINARY, "multipleOf": {"type": "number", "multipleOf": 3}}
+    if CORPUS.is_file():
+        schemas |= {entry["id"]: entry["schema"] for entry in map(json.loads, CORPUS.read_text().splitlines())}
+
+    def stand_in_refuses(schema: dict) -> str | None:
+        try:
+            stand_in.prepare(module.served_schema(module._bounded_schema(schema)))
+        except ValueError as exc:
+            return str(exc)
+        return None
+
+    differ, compared = {}, 0
+    for name, schema in schemas.items():
+        try:
+            module._bounded_schema(schema)
+        except ValueError:  # refused by the request model on both engines (a 422), never prepared
+            continue
+        response = server.post("generate", {"prompt": "x", "schema": schema, "max_tokens": 1})
+        detail = response.json().get("detail") if response.status_code == 400 else None
+        engine = detail if isinstance(detail, str) and detail.startswith("schema cannot be used for constrained") \
+            and "admits no complete JSON value after" not in detail else None
+        mine = stand_in_refuses(schema)
+        compared += 1
+        if (engine is None) != (mine is None):
+            differ[name] = (engine, mine)
+    assert compared > 40 and not differ, differ

@@ -277,3 +277,22 @@ def test_overrunning_compiles_never_make_another_request_wait(impatient):
         assert status == 503, text
         time.sleep(1)
     assert status == 200, text
+
+
+# ## Reasons and formats, as the stand-in answers them (the vLLM engine: tests/test_openai_route.py)
+
+
+def test_a_refusal_carries_the_backend_s_whole_reason(server):
+    response = httpx.post(f"{server.url}{GENERATE_Q3}", headers=AUTH, timeout=60,
+                          json={"prompt": "x", "schema": {"type": "string", "pattern": "(?=x)abc"}})
+    assert response.status_code == 400 and "look-around" in response.json()["detail"], response.text
+
+
+@pytest.mark.parametrize("fmt", ["byte", "binary"])
+def test_an_unknown_format_is_served(server, fmt):
+    schema = {"type": "object", "properties": {"data": {"type": "string", "format": fmt, "maxLength": 8}},
+              "required": ["data"], "additionalProperties": False}
+    response = httpx.post(f"{server.url}{GENERATE_Q3}", headers=AUTH, timeout=60,
+                          json={"prompt": "Some bytes.", "schema": schema, "temperature": 0, "max_tokens": 64})
+    assert response.status_code == 200 and response.json()["complete"] is True, response.text
+    jsonschema.validate(response.json()["ir_json"], schema)

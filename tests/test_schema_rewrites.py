@@ -108,3 +108,45 @@ def test_not_anything_becomes_false(runtime):
                                       lenient=True)
     assert lenient["properties"]["gone"] is False
     assert not llguidance_accepts(lenient, '{"gone":1}') and llguidance_accepts(lenient, '{"kept":true}')
+
+
+# ## Formats: what each backend enforces, the rest dropped before compiling
+
+FORMATS = ["email", "date", "time", "date-time", "duration", "ipv4", "ipv6", "hostname", "uuid", "uri",
+           "uri-reference", "uri-template", "json-pointer", "relative-json-pointer", "iri", "idn-email", "regex",
+           "byte", "binary", "base64url", "int32", "password"]
+
+
+def test_llguidance_enforces_exactly_the_guidance_formats(runtime):
+    def known(fmt: str) -> bool:
+        grammar = llguidance.LLMatcher.grammar_from_json_schema({"type": "string", "format": fmt})
+        return not llguidance.LLMatcher.validate_grammar(grammar)
+
+    assert {fmt for fmt in FORMATS if known(fmt)} == runtime.ENFORCED_FORMATS["guidance"]
+
+
+def test_vllm_s_xgrammar_validator_takes_exactly_the_xgrammar_formats(runtime):
+    backend = pytest.importorskip("vllm.v1.structured_output.backend_xgrammar")
+    assert runtime.ENFORCED_FORMATS["xgrammar"] == backend.STRING_SUPPORTED_FORMATS
+
+
+def test_unknown_formats_are_dropped_everywhere_and_nothing_else(runtime):
+    schema = {"type": "object", "properties": {
+        "format": {"type": "string", "format": "byte"},  # a property named `format` stays
+        "day": {"type": "string", "format": "date"},
+        "list": {"type": "array", "items": {"type": "string", "format": "binary"}},
+        "value": {"enum": [{"format": "byte"}]},  # a value, not a schema
+    }, "$defs": {"b": {"anyOf": [{"type": "string", "format": "base64url"}, {"type": "null"}]}}}
+    served = runtime.served_schema(schema)
+    assert served["properties"]["format"] == {"type": "string"}
+    assert served["properties"]["day"] == {"type": "string", "format": "date"}
+    assert served["properties"]["list"]["items"] == {"type": "string"}
+    assert served["properties"]["value"] == {"enum": [{"format": "byte"}]}
+    assert served["$defs"]["b"]["anyOf"][0] == {"type": "string"}
+    assert schema["properties"]["format"]["format"] == "byte"  # the schema outputs are judged by keeps it
+
+
+def test_a_reason_is_kept_whole_on_one_line(runtime):
+    reason = runtime.whole_reason("regex parse error:\n    (?=x)abc\n    ^^^\nerror: look-around is not supported\n")
+    assert reason == "regex parse error: (?=x)abc ^^^ error: look-around is not supported"
+    assert len(runtime.whole_reason("x" * 5000)) == runtime.MAX_REASON_CHARS

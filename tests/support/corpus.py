@@ -3,11 +3,14 @@ and Pydantic models) and the one validity check its outputs are judged by."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import jsonschema
 
-CORPUS = Path(__file__).resolve().parents[3] / "shared" / "corpus" / "schemas.jsonl"
+# beside the checkout, or wherever LIFTDEPLOY_CORPUS says (a worktree elsewhere)
+CORPUS = Path(os.environ.get("LIFTDEPLOY_CORPUS") or
+              Path(__file__).resolve().parents[3] / "shared" / "corpus" / "schemas.jsonl")
 
 
 def valid(value, schema: dict) -> bool:
