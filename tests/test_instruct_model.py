@@ -100,7 +100,7 @@ def any_whitespace(manifest, folder):
 def stand_in(instruct, tmp_path_factory):
     """The seeds' deployment, and a copy with whitespace "any", on the transformers stand-in with the
     default model, in this process."""
-    from liftdeploy.local.server import Credentials, LocalServer, build, local_engine
+    from liftdeploy.local.server import Credentials, LocalServer, build, import_rendered, local_engine
     from liftdeploy.manifest import load
 
     loaded = load(DEPLOYMENTS / "qwen32b.toml")
@@ -108,7 +108,8 @@ def stand_in(instruct, tmp_path_factory):
     engine.start()
     creds = Credentials(proxy_key="wk-instruct", proxy_secret="ws-instruct")
     spaced = load(any_whitespace(DEPLOYMENTS / "qwen32b.toml", tmp_path_factory.mktemp("spaced")))
-    with LocalServer(build(loaded, engine, creds)) as compact, LocalServer(build(spaced, engine, creds)) as anyway:
+    with LocalServer(build(loaded, engine, creds)) as compact, LocalServer(
+            build(spaced, engine, creds, module=import_rendered(spaced))) as anyway:
         yield {"compact": compact, "any": anyway}
 
 
