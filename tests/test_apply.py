@@ -605,7 +605,7 @@ def test_apply_with_verification_against_a_local_server(tmp_path, monkeypatch):
     for name, value in creds.items():
         monkeypatch.setenv(name, value)
     loaded = load(manifest)
-    engine = local_engine(loaded)
+    engine = local_engine(loaded, model="smoke")
     engine.start()
     router = build(loaded, engine)
     with LocalServer(router) as server, ModalControlPlane(web_url_base=server.url) as cp:

@@ -55,7 +55,8 @@ def test_serve_local_refuses_a_busy_port_before_loading_anything():
 
 def test_serve_local_started_with_sigint_ignored_stops_on_sigint():
     """`liftdeploy serve --local &` in a script, then `kill -INT`: it stops, as Ctrl-C stops it."""
-    proc = cli_process("serve", "--local", "deployments/qwen32b.toml", "--port", "0", ignore_sigint=True)
+    proc = cli_process("serve", "--local", "deployments/qwen32b.toml", "--port", "0", "--model", "smoke",
+                       ignore_sigint=True)
     try:
         seen = ""
         deadline = time.monotonic() + 240  # the smoke model loads first

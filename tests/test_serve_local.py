@@ -267,7 +267,7 @@ def test_serve_local_says_which_engine_stands_in_for_sglang(tmp_path):
     log = tmp_path / "serve.log"
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "liftdeploy.cli", "serve", "--local",
-                                 str(DEPLOYMENTS / "qwen3-coder-30b.toml"), "--port", str(port)],
+                                 str(DEPLOYMENTS / "qwen3-coder-30b.toml"), "--port", str(port), "--model", "smoke"],
                                 stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "NO_COLOR": "1"})
     try:
         deadline = time.monotonic() + 180

