@@ -104,7 +104,7 @@ BACKEND = "guidance"
 COMPACT_JSON = True  # no free whitespace between JSON tokens (in ENGINE_ARGS too)
 # A fixed layout (decoding.whitespace = "spaced") as llguidance's options, which every schema
 # carries (`guidance_schema`); None: the engine's whitespace setting alone.
-JSON_LAYOUT = None
+JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 CHAT_TEMPLATE_KWARGS = {"enable_thinking": THINKING}  # chat templates without the switch ignore it
 
 # Request limits

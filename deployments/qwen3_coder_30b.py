@@ -83,7 +83,7 @@ cache_volume = modal.Volume.from_name("lift-sys-sglang-cache", create_if_missing
 
 # The structured-output backend SGLang runs (one per server: its --grammar-backend in SERVER_ARGS).
 BACKEND = "guidance"
-COMPACT_JSON = True  # no free whitespace between JSON tokens (in SERVER_ARGS too)
+COMPACT_JSON = False  # no free whitespace between JSON tokens (in SERVER_ARGS too)
 JSON_LAYOUT = None  # fixed layouts (`spaced`) are for vLLM's guidance backend only
 # Hybrid-thinking models (Qwen3) answer at once, no thinking first; other chat templates ignore it.
 CHAT_TEMPLATE_KWARGS = {"enable_thinking": False}
@@ -197,7 +197,6 @@ SERVER_ARGS = [
     "0.88",
     "--grammar-backend",
     "llguidance",
-    "--constrained-json-disable-any-whitespace",
     "--max-running-requests",
     "20",
     "--cuda-graph-max-bs",

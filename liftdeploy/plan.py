@@ -141,9 +141,9 @@ def describe(loaded: Loaded, state: State | None = None, env: ModalEnvironment |
     thinks = (f"; thinks first (reasoning parser {m.model.parser})" if m.model.thinking
               else "; thinking off (enable_thinking=False)" if m.model.thinks == "hybrid" else "")
     lines.append(f"  model        {m.model.id}{revision}{thinks}")
-    backend = sglang_args.grammar_backend(m) if str(m.engine.kind) == "sglang" else m.decoding.backend
+    backend = sglang_args.grammar_backend(m) if str(m.engine.kind) == "sglang" else m.backend
     engine = {"vllm": "vLLM", "sglang": "SGLang"}[str(m.engine.kind)]
-    lines.append(f"  engine       {engine} {m.engine_version}, grammar backend {backend}")
+    lines.append(f"  engine       {engine} {m.engine_version}, grammar backend {backend}, whitespace {m.whitespace}")
     fits = sizing.fits(m)
     gpus = ", ".join(f"{f.spec} (${sizing.hourly_usd(f.spec, m):.2f}/h{'' if f.fits else ', too small'})" for f in fits)
     lines.append(f"  gpu          {gpus}  — tried in this order")

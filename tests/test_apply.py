@@ -367,6 +367,8 @@ def test_plan_after_apply_says_no_changes(applied32):
     assert result.returncode == 0, output(result)
     assert "No changes." in result.stdout
     assert tag_of(applied32.manifest) in result.stdout
+    # what the render uses, not the manifest's unset value (it printed "grammar backend None")
+    assert "vLLM 0.9.2, grammar backend guidance, whitespace spaced" in result.stdout
     assert "Plan:" not in result.stdout
 
 

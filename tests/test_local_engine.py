@@ -143,9 +143,11 @@ def smoke_cache(tmp_path_factory: pytest.TempPathFactory):
 
 
 def rendered(tmp_path: Path, backend: str):
-    """The rendered module of the qwen3-8b example with `backend`: what the engine stands in for."""
+    """The rendered module of the qwen3-8b example with `backend`: what the engine stands in for. Compact
+    JSON: the random smoke model would spend `any` whitespace's freedom on tabs until max_tokens."""
     manifest = tmp_path / f"{backend}.toml"
-    manifest.write_text((DEPLOYMENTS / "qwen3-8b.toml").read_text() + f'\n[decoding]\nbackend = "{backend}"\n')
+    manifest.write_text((DEPLOYMENTS / "qwen3-8b.toml").read_text()
+                        + f'\n[decoding]\nbackend = "{backend}"\nwhitespace = "compact"\n')
     return import_rendered(load(manifest))
 
 

@@ -7,10 +7,6 @@ import json
 
 import pytest
 
-from liftdeploy.local.server import import_rendered
-from liftdeploy.manifest import load
-from tests.conftest import DEPLOYMENTS
-
 xgrammar = pytest.importorskip("xgrammar")
 llguidance = pytest.importorskip("llguidance")
 
@@ -19,8 +15,11 @@ BOUNDED = {"type": "object", "properties": {"name": {"type": "string", "maxLengt
 
 
 @pytest.fixture(scope="module")
-def runtime():
-    return import_rendered(load(DEPLOYMENTS / "qwen3-8b.toml"))
+def runtime(tmp_path_factory):
+    """qwen3-8b's module with compact JSON: the rewrites on their own, without a layout (tests/test_json_layouts.py)."""
+    from tests.test_json_layouts import rendered
+
+    return rendered(tmp_path_factory.mktemp("rewrites"), "compact")
 
 
 def xgrammar_accepts(schema: dict, text: str) -> bool:

@@ -174,14 +174,12 @@ class Manifest(Section):
 
     @property
     def whitespace(self) -> str:
-        """`compact`, `spaced` or `any`: the manifest's, else compact where the pinned engine can keep JSON compact."""
+        """`compact`, `spaced` or `any`: the manifest's, else the default the eval matrix chose (README,
+        docs/answers.md): `spaced` where vLLM runs guidance, whose layouts only it can fix; `any` elsewhere
+        (XGrammar and SGLang take only an on/off switch, and free whitespace answered better than none)."""
         if self.decoding.whitespace:
             return self.decoding.whitespace
-        if self.engine.kind is EngineKind.sglang:
-            can = compat_sglang.supports(self.engine_version, "disable-any-whitespace")
-        else:
-            can = v1_structured_output(self.engine_version)
-        return "compact" if can else "any"
+        return "spaced" if self.engine.kind is EngineKind.vllm and self.backend == "guidance" else "any"
 
     @property
     def backend(self) -> str:

@@ -196,7 +196,8 @@ class DecodingSection(Section):
         "SGLang 0.5.3.post2 or later); `spaced`: no free whitespace either, but json.dumps's one-line layout, "
         '`", "` between items and `": "` after keys, the spacing models saw most (vLLM 0.9 or later with '
         "`backend = \"guidance\"`); `any`: the backend's default, which lets the model spend tokens on "
-        "whitespace. Default: compact where the pinned engine can, else any.", examples=["compact"],
+        "whitespace. Default (chosen on measured answers, docs/answers.md): spaced with vLLM's guidance backend, "
+        "else any.", examples=["spaced"],
     )
     retries_on_invalid: int = Field(
         2, ge=0, le=5, description="Times `generate` samples again when a finished output breaks its schema: "
