@@ -298,6 +298,8 @@ class _Base:
     def _checked(self, req: dict[str, Any], status: int, body: Any) -> dict[str, Any]:
         if status >= 400:
             detail = body.get("detail") if isinstance(body, dict) else body
+            if detail is None and isinstance(body, dict) and isinstance(body.get("error"), dict):
+                detail = body["error"].get("message")  # OpenAI's error shape (the openai route)
             hint = {401: "pass a token (LIFTDEPLOY_API_TOKEN) or Modal proxy credentials",
                     413: "send a smaller request", 422: "fix the fields named in the detail"}.get(status)
             raise ClientError(f"{req['label']} answered {status}: {_short(detail)}", status, detail, hint)

@@ -186,6 +186,16 @@ def test_4xx_is_never_retried(server, status, body):
         assert info.value.hint == "fix the fields named in the detail"
 
 
+def test_an_openai_shaped_error_keeps_its_message(server):
+    """The openai route answers refusals in OpenAI's shape: the message is the reason, not `None`."""
+    reason = "response_format.json_schema.schema: schema cannot be used for constrained decoding: look-around"
+    path = server.script.add(Answer(400, {"error": {"message": reason, "type": "BadRequestError",
+                                                    "param": "response_format.json_schema.schema", "code": 400}}))
+    with client_for(server.url, path, kind="generate", label="gen") as client, pytest.raises(ClientError) as info:
+        client.generate("hi", SCHEMA)
+    assert info.value.message == f"gen answered 400: {reason}"
+
+
 def test_honours_retry_after(server):
     path = server.script.add(unavailable(retry_after="1"), Answer(200))
     with client_for(server.url, path, retries=2, backoff=0.01) as client:
