@@ -69,12 +69,15 @@ class Served:
 
 
 @contextmanager
-def serve_vllm(manifest: Path, tmp: Path, *, env: str | None = None, startup: float = 900.0) -> Iterator[Served]:
-    """Start the server, wait until warm-up answers `warm`, stop it (and vLLM's processes) after."""
-    require_vllm()
+def serve_vllm(manifest: Path, tmp: Path, *, env: str | None = None, startup: float = 900.0,
+               engine: str = "vllm") -> Iterator[Served]:
+    """Start the server, wait until warm-up answers `warm`, stop it (and vLLM's processes) after.
+    (`engine="transformers"`: the same, on the transformers stand-in.)"""
+    if engine == "vllm":
+        require_vllm()
     port = free_port()
     log = tmp / f"serve-{manifest.stem}-{port}.log"
-    cmd = [sys.executable, "-m", "liftdeploy.cli", "serve", "--local", "--engine", "vllm", str(manifest),
+    cmd = [sys.executable, "-m", "liftdeploy.cli", "serve", "--local", "--engine", engine, str(manifest),
            "--port", str(port)] + (["--env", env] if env else [])
     environ = {**os.environ, "LIFTDEPLOY_API_TOKEN": TOKEN, "PYTHONUNBUFFERED": "1"}
     with open(log, "wb") as out:
