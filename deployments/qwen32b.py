@@ -15,6 +15,7 @@ validation, schemas, one small FastAPI app per endpoint).
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import json
 import math
 import threading
@@ -643,10 +644,8 @@ class SchemaGate:
 
 def _call_soon(loop: asyncio.AbstractEventLoop, callback: Any) -> None:
     """`callback` on `loop`, from another thread; nothing once the loop is closed (the server stopped)."""
-    try:
+    with contextlib.suppress(RuntimeError):  # the loop is closed
         loop.call_soon_threadsafe(callback)
-    except RuntimeError:  # the loop is closed
-        pass
 
 
 class SchemaTimeout(ValueError):

@@ -731,10 +731,8 @@ class SchemaGate:
 
 def _call_soon(loop: asyncio.AbstractEventLoop, callback: Any) -> None:
     """`callback` on `loop`, from another thread; nothing once the loop is closed (the server stopped)."""
-    try:
+    with contextlib.suppress(RuntimeError):  # the loop is closed
         loop.call_soon_threadsafe(callback)
-    except RuntimeError:  # the loop is closed
-        pass
 
 
 class SchemaTimeout(ValueError):

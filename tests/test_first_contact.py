@@ -70,7 +70,7 @@ def test_serve_local_started_with_sigint_ignored_stops_on_sigint():
             proc.kill()
             proc.communicate()
     assert proc.returncode == 0, seen + rest
-    assert "stopping" in rest.splitlines()
+    assert rest.splitlines()[-1] == "stopped on SIGINT"
 
 
 # ## The README's Python client against `serve --local`
