@@ -339,12 +339,14 @@ def _serve_until_stopped(label: str, served: Any, server: LocalServer, engine: s
     """Load the model and serve until SIGINT (Ctrl-C) or SIGTERM, then stop cleanly: running requests
     answered 503, the engine and every process it started ended, exit 0 (liftdeploy/local/stopping.py)."""
     from .errors import StepError
-    from .local.stopping import StopSignals, end_processes, exit_within, started_processes
+    from .local.stopping import StopSignals, end_processes, exit_within, quiet_resource_tracker, started_processes
 
+    quiet_resource_tracker()
     with StopSignals() as signals:
         try:
             typer.echo(f"loading {what} on the CPU with the {engine} engine ...", err=True)
             served.start()
+            signals.serving = True
             server.start()
             typer.echo(f"serving {label} at {server.url} (model: {served.name}, engine: {engine})", err=True)
             _print_endpoints(server.url, server.app)

@@ -1,16 +1,18 @@
 """How `liftdeploy serve --local` stops: on Ctrl-C (SIGINT) or SIGTERM (what Docker, systemd,
 Kubernetes and CI runners send), alike, on either engine.
 
-The first signal raises `Stop` in the main thread, wherever it is (loading the model, or serving).
-`serve` then refuses new requests, answers each running one 503 ("the server is stopping"; its
-generation is aborted), stops the engine, ends every process the engine started (vLLM's engine
-core and workers: given `GRACE` seconds to exit, then SIGTERM, then SIGKILL), and exits 0 with one
-line. A second signal while it stops skips the waiting: those processes are killed at once and it
-exits 128 + the signal's number.
+While the model loads, a signal ends whatever the engine has started so far and exits 0 at once.
+Once serving, the first signal raises `Stop` in the main thread; `serve` then refuses new
+requests, answers each running one 503 ("the server is stopping"; its generation is aborted),
+stops the engine, ends every process the engine started (vLLM's engine core and workers: given
+`GRACE` seconds to exit, then SIGTERM, then SIGKILL), and exits 0 with one line. A second signal
+while it stops skips the waiting: those processes are killed at once and it exits 128 + the
+signal's number.
 
 multiprocessing's resource tracker, which vLLM starts, is left to exit by itself: it ignores
 SIGINT and SIGTERM, ends when `serve` does (its pipe closes), and on its way out removes the shared
-memory and semaphores the engine leaked.
+memory and semaphores the engine leaked (vLLM kills its engine core after 5 s; so does a stop while
+loading), warning of each leak after serve's last line: `quiet_resource_tracker` silences that.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import threading
 from types import FrameType
 from typing import Any
 
-__all__ = ["GRACE", "Stop", "StopSignals", "end_processes", "exit_within", "started_processes"]
+__all__ = ["GRACE", "Stop", "StopSignals", "end_processes", "exit_within", "quiet_resource_tracker",
+           "started_processes"]
 
 GRACE = 10.0  # seconds the engine's processes get to exit after the engine is told to stop
 TERM_GRACE = 3.0  # after SIGTERM, before SIGKILL
@@ -39,11 +42,16 @@ class Stop(KeyboardInterrupt):
 
 
 class StopSignals:
-    """While entered, SIGINT and SIGTERM stop `serve`: the first raises `Stop` and records the
-    processes started so far; a second one kills them and exits at once."""
+    """While entered, SIGINT and SIGTERM stop `serve`.
+
+    While the model loads (`serving` still false) nothing is running to answer, and an exception
+    raised into vLLM's start can be lost (pyzmq retries an interrupted poll): a signal ends the
+    processes started so far and exits 0 at once. Once serving, the first signal raises `Stop`; a
+    second one, while the stop runs, kills the engine's processes and exits at once."""
 
     def __init__(self) -> None:
         self.received: str | None = None  # the first signal's name
+        self.serving = False
         self.stopping = False
         self.processes: list[Any] = []  # psutil.Process: every descendant when the stop began
         self._before: dict[int, Any] = {}
@@ -66,13 +74,16 @@ class StopSignals:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
-        if not self.stopping:
+        if not self.stopping and self.serving:
             self.received = name
             self.begin()
             raise Stop(name)
-        end_processes(self.processes + started_processes(), grace=0)
-        print(f"stopped at once on {name}", file=sys.stderr)
-        _exit_now(128 + signum)
+        end_processes(self.processes + started_processes(), grace=0, ending=("kill",))  # not a line from them
+        if self.stopping:
+            print(f"stopped at once on {name}", file=sys.stderr)
+            _exit_now(128 + signum)
+        print(f"stopped on {name} while loading the model", file=sys.stderr)
+        _exit_now(0)
 
 
 def started_processes() -> list[Any]:
@@ -85,23 +96,30 @@ def started_processes() -> list[Any]:
         return []
 
 
-def end_processes(processes: list[Any], grace: float = GRACE) -> list[Any]:
-    """Wait up to `grace` seconds for `processes` to exit, then SIGTERM the rest, then SIGKILL;
-    returns those still alive (none, unless one is stuck in the kernel). The resource tracker is
-    left to exit by itself (see the module's docstring)."""
+def end_processes(processes: list[Any], grace: float = GRACE,
+                  ending: tuple[str, ...] = ("terminate", "kill")) -> list[Any]:
+    """Wait up to `grace` seconds for `processes` to exit, then SIGTERM the rest, then SIGKILL
+    (`ending`: the psutil.Process methods, in turn); returns those still alive (none, unless one is
+    stuck in the kernel). The resource tracker is left to exit by itself (see the module's docstring)."""
     import psutil
 
     tracker = _resource_tracker_pid()
     alive = list({p.pid: p for p in processes if p.pid != tracker}.values())
     _, alive = psutil.wait_procs(alive, timeout=grace)
-    for ending in ("terminate", "kill"):
+    for method in ending:
         if not alive:
             break
         for process in alive:
             with contextlib.suppress(psutil.Error):
-                getattr(process, ending)()
+                getattr(process, method)()
         _, alive = psutil.wait_procs(alive, timeout=TERM_GRACE)
     return alive
+
+
+def quiet_resource_tracker() -> None:
+    """Let the resource tracker vLLM starts remove what the engine leaked without a warning for
+    each (nothing a user can act on). Its interpreter takes this one's -W options when it starts."""
+    sys.warnoptions.append("ignore:resource_tracker:UserWarning")
 
 
 def _resource_tracker_pid() -> int | None:
