@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -18,7 +20,7 @@ import pytest
 from typer.testing import CliRunner
 
 from liftdeploy.cli import app
-from tests.support.vllm_server import Served, serve_vllm
+from tests.support.vllm_server import Served, require_vllm, serve_vllm, stop
 
 DEPLOYMENTS = Path(__file__).resolve().parent.parent / "deployments"
 MANIFEST = DEPLOYMENTS / "qwen3-8b.toml"  # bearer auth; health, warmup, generate and openai endpoints
@@ -97,6 +99,32 @@ def test_vllm_engine_stops_cleanly_with_a_request_running(tmp_path, sig):
         response, started = stop_with_a_request_running(served, sig)
         assert any("EngineCor" in p.name() for p in started)  # vLLM's engine core ran in a process of its own
         assert_stopped_cleanly(served, sig, response, started)
+
+
+@pytest.mark.engine
+def test_vllm_engine_stopped_while_loading_leaves_no_process(tmp_path):
+    """SIGTERM once vLLM's engine core has started, before the model is served."""
+    require_vllm()
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "liftdeploy.cli", "serve", "--local", "--engine", "vllm",
+                                    str(MANIFEST), "--port", "0"], stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not any("EngineCor" in p.name() for p in psutil.Process(process.pid).children(recursive=True)):
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        started = psutil.Process(process.pid).children(recursive=True)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=120) == 0, log.read_text()[-3000:]
+    finally:
+        stop(process)
+    text = log.read_text()
+    assert "serving " not in text and "Traceback" not in text, text[-3000:]
+    assert text.splitlines()[-1] == "stopped on SIGTERM while loading the model", text[-3000:]
+    _, alive = psutil.wait_procs(started, timeout=30)
+    assert alive == [], f"outlived serve: {[(p.pid, p.name()) for p in alive]}"
 
 
 @pytest.mark.parametrize("port", ["99999", "65536", "-1"])
