@@ -211,7 +211,7 @@ def build(loaded: Loaded, engine: Any, credentials: Credentials | None = None,
         apps[ep["label"]] = module.create_app(ep["kind"], engine, auth=ep["auth"])
         auth[ep["label"]] = ep["auth"]
         index[ep["label"]] = {"kind": ep["kind"], "auth": ep["auth"], "path": f"/{ep['label']}"}
-        if ep["kind"] == "openai":  # the 503 of a stop, in OpenAI's error shape as that route answers
+        if ep["kind"] == "openai" and hasattr(module, "openai_error"):  # vLLM's route: OpenAI's error shape
             stopping[ep["label"]] = json.loads(module.openai_error(503, STOPPING).body)
     return LabelRouter(apps, auth, credentials, index, stopping)
 
