@@ -102,8 +102,8 @@ def test_transformers_engine_stops_cleanly_with_a_request_running(tmp_path, sig)
 
 
 @pytest.mark.engine
-@pytest.mark.parametrize(("sig", "route"), [(signal.SIGTERM, "generate"), (signal.SIGINT, "openai")],
-                         ids=["SIGTERM-generate", "SIGINT-openai"])
+@pytest.mark.parametrize(("sig", "route"), [(signal.SIGTERM, "generate"), (signal.SIGINT, "generate")],
+                         ids=["SIGTERM-generate", "SIGINT-generate"])
 def test_vllm_engine_stops_cleanly_with_a_request_running(tmp_path, sig, route):
     with serve_vllm(MANIFEST, tmp_path) as served:
         models = httpx.get(f"{openai_base_url(served)}/models", headers=served.headers, timeout=60)
