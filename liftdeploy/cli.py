@@ -300,7 +300,7 @@ def serve(
         typer.Option("--engine", help="With --local: `transformers` (a fast CPU stand-in) or `vllm` (the "
                      "module's own vLLM engine, on vLLM's CPU build)."),
     ] = "transformers",
-    port: Annotated[int, typer.Option("--port", "-p", help="Local port.")] = 8000,
+    port: Annotated[int, typer.Option("--port", "-p", help="Local port (0: any free one).")] = 8000,
     model_path: Annotated[
         Path | None,
         typer.Option(
@@ -308,7 +308,8 @@ def serve(
         ),
     ] = None,
 ) -> None:
-    """Serve the app: `modal serve` with hot reload, or `--local` on 127.0.0.1 with a CPU engine."""
+    """Serve the app: `modal serve` with hot reload, or `--local` on 127.0.0.1 with a CPU engine (Ctrl-C or
+    SIGTERM stops it: running requests get a 503, the engine and its processes end, exit 0)."""
     from .errors import UsageError
     from .manifest import load
 
