@@ -15,6 +15,7 @@ validation, schemas, one small FastAPI app per endpoint).
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import json
 import math
 import threading
@@ -163,6 +164,11 @@ class Inference:
         self.engine = VLLMEngine()
         self.engine.start()
 
+    @modal.exit()
+    def stop_engine(self):
+        """The container is shutting down: stop vLLM's engine core and its workers with it."""
+        self.engine.stop()
+
     @modal.method()
     def ping(self) -> dict[str, Any]:
         """Called by `modal run`: reports the loaded model."""
@@ -281,7 +287,8 @@ class VLLMEngine:
 
     def stop(self) -> None:
         self.ready = False
-        self.engine.shutdown()
+        if getattr(self, "engine", None) is not None:  # started (a failed start leaves none)
+            self.engine.shutdown()
 
     def _grammar_backend(self):
         """The structured-output backend class vLLM's engine core compiles every grammar with."""
@@ -680,13 +687,19 @@ class SchemaGate:
                 job = self._compiling.get(key)
                 if job is None:
                     job = self._compiling[key] = self._threads.submit(self._prepared, key, schema)
-                    job.add_done_callback(lambda _: loop.call_soon_threadsafe(self._slots.release))
+                    job.add_done_callback(lambda _: _call_soon(loop, self._slots.release))
                 else:
                     self._slots.release()
         try:
             return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(job)), SCHEMA_COMPILE_TIMEOUT)
         except asyncio.TimeoutError:
             raise SchemaTimeout(f"schema did not compile within {SCHEMA_COMPILE_TIMEOUT} s") from None
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Any) -> None:
+    """`callback` on `loop`, from another thread; nothing once the loop is closed (the server stopped)."""
+    with contextlib.suppress(RuntimeError):  # the loop is closed
+        loop.call_soon_threadsafe(callback)
 
 
 class SchemaTimeout(ValueError):

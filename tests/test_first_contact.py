@@ -71,7 +71,7 @@ def test_serve_local_started_with_sigint_ignored_stops_on_sigint():
             proc.kill()
             proc.communicate()
     assert proc.returncode == 0, seen + rest
-    assert "stopping" in rest.splitlines()
+    assert rest.splitlines()[-1] == "stopped on SIGINT"
 
 
 # ## The README's Python client against `serve --local`
@@ -113,12 +113,36 @@ def test_for_url_sends_the_bearer_token_the_server_asks_for(servers, monkeypatch
         assert client.call("warmup")["status"] == "loading"
 
 
-def test_for_url_without_credentials_is_refused_with_a_hint(servers, monkeypatch):
+def without_credentials(monkeypatch) -> None:
     for name in ("LIFTDEPLOY_PROXY_KEY", "LIFTDEPLOY_PROXY_SECRET", "LIFTDEPLOY_API_TOKEN"):
         monkeypatch.delenv(name, raising=False)
-    with Client.for_url(servers["proxy"].url, retries=0) as client, pytest.raises(ClientError) as refused:
+
+
+@pytest.mark.parametrize(("auth", "wanted", "not_wanted"), [
+    ("proxy", ["LIFTDEPLOY_PROXY_KEY", "LIFTDEPLOY_PROXY_SECRET"], "LIFTDEPLOY_API_TOKEN"),
+    ("bearer", ["LIFTDEPLOY_API_TOKEN"], "LIFTDEPLOY_PROXY"),
+])
+def test_for_url_without_credentials_is_refused_with_the_hint_of_its_auth(servers, monkeypatch, auth, wanted,
+                                                                           not_wanted):
+    without_credentials(monkeypatch)
+    with Client.for_url(servers[auth].url, retries=0) as client, pytest.raises(ClientError) as refused:
         client.call("warmup")
-    assert refused.value.status == 401 and "LIFTDEPLOY_API_TOKEN" in refused.value.hint
+    assert refused.value.status == 401
+    assert all(name in refused.value.hint for name in wanted) and not_wanted not in refused.value.hint
+
+
+def test_smoke_without_credentials_names_what_the_proxy_endpoint_wants(servers, monkeypatch):
+    """`liftdeploy smoke URL` on a server whose endpoints use proxy auth: the hint names the proxy
+    variables, not LIFTDEPLOY_API_TOKEN."""
+    without_credentials(monkeypatch)
+    result = CliRunner().invoke(app, ["smoke", servers["proxy"].url, "--timeout", "30"])
+    assert result.exit_code == 1, result.output
+    error, hint = result.stderr.splitlines()
+    assert error == ("error: smoke test failed: lift-sys-inference-warmup answered 401: missing or wrong Modal-Key / "
+                     "Modal-Secret headers")
+    assert hint.startswith("hint: this endpoint uses Modal proxy auth: set LIFTDEPLOY_PROXY_KEY and "
+                           "LIFTDEPLOY_PROXY_SECRET"), hint
+    assert "LIFTDEPLOY_API_TOKEN" not in result.stderr
 
 
 def test_for_url_before_the_server_listens_sends_what_is_configured(monkeypatch):

@@ -9,10 +9,14 @@ Auth is enforced here as on Modal: bearer tokens by the rendered app itself, pro
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import contextlib
 import errno
 import hmac
 import importlib.util
 import json
+import logging
 import os
 import secrets
 import socket
@@ -75,20 +79,41 @@ class Credentials:
         return {}
 
 
+STOPPING = "the server is stopping"
+DRAIN_SECONDS = 10.0  # for the requests running at a stop to be answered
+
+
+@dataclass
+class _Request:
+    """A request in flight: how far its response got, and whether `drain` cancelled it."""
+
+    started: bool = False
+    ended: bool = False
+    drained: bool = False
+
+
 @dataclass
 class LabelRouter:
-    """An ASGI app dispatching `/<label>/...` to each endpoint's own app."""
+    """An ASGI app dispatching `/<label>/...` to each endpoint's own app.
+
+    `drain` stops it: each running request is cancelled (its generation aborted) and answered
+    503, in its endpoint's error shape (`stopping`), as is any request that arrives after."""
 
     apps: dict[str, Any]
     auth: dict[str, str]
     credentials: Credentials
     index: dict[str, Any] = field(default_factory=dict)
+    stopping: dict[str, dict[str, Any]] = field(default_factory=dict)  # label -> its 503 body
+    loop: asyncio.AbstractEventLoop | None = None  # the loop serving it (set at lifespan startup)
+    draining: bool = False
+    _running: dict[asyncio.Future[None], _Request] = field(default_factory=dict)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
             while True:
                 message = await receive()
                 if message["type"] == "lifespan.startup":
+                    self.loop = asyncio.get_running_loop()
                     await send({"type": "lifespan.startup.complete"})
                 elif message["type"] == "lifespan.shutdown":
                     await send({"type": "lifespan.shutdown.complete"})
@@ -104,9 +129,53 @@ class LabelRouter:
         if self.auth[label] == "proxy" and not self._proxy_ok(scope):
             await _respond(send, 401, {"detail": "missing or wrong Modal-Key / Modal-Secret headers"})
             return
+        if self.draining:
+            await _respond(send, 503, self._stopping(label))
+            return
         inner = dict(scope, path="/" + rest, raw_path=("/" + rest).encode(),
                      root_path=scope.get("root_path", "") + "/" + label)
-        await self.apps[label](inner, receive, send)
+        await self._serve(label, inner, receive, send)
+
+    async def _serve(self, label: str, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """Run one request on its endpoint's app; answer it 503 if `drain` cancels it."""
+        request = _Request()
+
+        async def noted(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                request.started = True
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                request.ended = True
+            await send(message)
+
+        job = asyncio.ensure_future(self.apps[label](scope, receive, noted))
+        self._running[job] = request
+        try:
+            await job
+        except asyncio.CancelledError:
+            if not request.drained:  # the client left, or the server cancelled it: nobody to answer
+                raise
+            if not request.started:
+                await _respond(send, 503, self._stopping(label))
+            elif not request.ended:  # a stream already under way: end it where it is
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            del self._running[job]
+
+    def _stopping(self, label: str) -> dict[str, Any]:
+        return self.stopping.get(label) or {"detail": STOPPING}
+
+    async def drain(self) -> int:
+        """Refuse new requests, cancel the running ones and wait until each is answered 503;
+        returns how many were running."""
+        self.draining = True
+        running = list(self._running.items())
+        for job, request in running:
+            request.drained = True
+            job.cancel()
+        deadline = asyncio.get_running_loop().time() + DRAIN_SECONDS
+        while any(job in self._running for job, _ in running) and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.02)
+        return len(running)
 
     def _proxy_ok(self, scope: dict[str, Any]) -> bool:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
@@ -137,12 +206,14 @@ def build(loaded: Loaded, engine: Any, credentials: Credentials | None = None,
     credentials = credentials or Credentials.for_endpoints(endpoints)
     if credentials.token:
         os.environ[TOKEN_ENV] = credentials.token  # what the Modal Secret provides in the cloud
-    apps, auth, index = {}, {}, {}
+    apps, auth, index, stopping = {}, {}, {}, {}
     for ep in endpoints:  # health gets the engine only to report the smoke model; it never calls it
         apps[ep["label"]] = module.create_app(ep["kind"], engine, auth=ep["auth"])
         auth[ep["label"]] = ep["auth"]
         index[ep["label"]] = {"kind": ep["kind"], "auth": ep["auth"], "path": f"/{ep['label']}"}
-    return LabelRouter(apps, auth, credentials, index)
+        if ep["kind"] == "openai" and hasattr(module, "openai_error"):  # vLLM's route: OpenAI's error shape
+            stopping[ep["label"]] = json.loads(module.openai_error(503, STOPPING).body)
+    return LabelRouter(apps, auth, credentials, index, stopping)
 
 
 def _module_of(engine: Any) -> ModuleType | None:
@@ -252,13 +323,25 @@ class LocalServer:
                             "stop what listens there, or choose another port with --port N (0: any free one)") from None
         self.port = self.socket.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
+        self.server: Any = None  # uvicorn's, made at start() for the app set by then
+        self.ended = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self.server.run(sockets=[self.socket])
+        finally:
+            self.ended.set()
 
     def __enter__(self) -> LocalServer:
+        return self.start()
+
+    def start(self) -> LocalServer:
+        """Serve, in the background; returns once the server answers."""
         import uvicorn
 
         config = uvicorn.Config(self.app, log_level=self.log_level, lifespan="on", timeout_graceful_shutdown=5)
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30
         while not self.server.started:
@@ -268,6 +351,31 @@ class LocalServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def wait(self) -> None:
+        """Until the server ends; a signal's handler may raise here. (Not `thread.join()`: when an
+        exception interrupts it, Python 3.11 marks the still-running thread as ended, bpo-45274's
+        handling in threading.py.)"""
+        self.ended.wait()
+
+    def stop(self) -> int:
+        """Stop: refuse new requests, answer the running ones 503 (their generations aborted), close
+        the port and end the server's thread. Returns how many requests were running."""
+        answered = 0
+        if not self.thread.is_alive():
+            self.socket.close()
+            return answered
+        loop = getattr(self.app, "loop", None)
+        if loop is not None and hasattr(self.app, "drain"):
+            with contextlib.suppress(concurrent.futures.TimeoutError, RuntimeError):  # RuntimeError: loop closed
+                answered = asyncio.run_coroutine_threadsafe(self.app.drain(), loop).result(timeout=DRAIN_SECONDS + 5)
+        logging.getLogger("uvicorn.error").setLevel(logging.WARNING)  # not uvicorn's five lines on its shutdown
         self.server.should_exit = True
         self.thread.join(timeout=10)
-        self.socket.close()
+        if self.thread.is_alive():  # a connection that would not close: drop it
+            self.server.force_exit = True
+            self.thread.join(timeout=5)
+        if not self.thread.is_alive():  # uvicorn closes it too; never under its feet
+            self.socket.close()
+        return answered

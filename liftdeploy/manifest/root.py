@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from .. import catalog, compat_sglang, sglang_args, sizing, urls
-from ..compat import api_family, default_backend, v1_structured_output
+from ..compat import api_family, default_backend
 from ._base import LABEL, Section, invalid
 from .image import EngineKind, EngineSection, ImageSection, VolumesSection
 from .serving import (

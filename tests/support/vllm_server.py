@@ -70,14 +70,15 @@ class Served:
 
 @contextmanager
 def serve_vllm(manifest: Path, tmp: Path, *, env: str | None = None, startup: float = 900.0,
-               model: str = "smoke", model_path: Path | None = None) -> Iterator[Served]:
+               engine: str = "vllm", model: str = "smoke", model_path: Path | None = None) -> Iterator[Served]:
     """Start the server on built-in `model` (the content-agnostic tests take the fast random one) or on
     the local model directory `model_path`, wait until warm-up answers `warm`, stop it (and vLLM's
-    processes) after."""
-    require_vllm()
+    processes) after. (`engine="transformers"`: the same, on the transformers stand-in.)"""
+    if engine == "vllm":
+        require_vllm()
     port = free_port()
     log = tmp / f"serve-{manifest.stem}-{port}.log"
-    cmd = [sys.executable, "-m", "liftdeploy.cli", "serve", "--local", "--engine", "vllm", str(manifest),
+    cmd = [sys.executable, "-m", "liftdeploy.cli", "serve", "--local", "--engine", engine, str(manifest),
            "--port", str(port)] + (["--env", env] if env else []) + \
         (["--model-path", str(model_path)] if model_path else ["--model", model])
     environ = {**os.environ, "LIFTDEPLOY_API_TOKEN": TOKEN, "PYTHONUNBUFFERED": "1"}
