@@ -108,8 +108,8 @@ def test_vllm_engine_stopped_while_loading_leaves_no_process(tmp_path):
     log = tmp_path / "serve.log"
     with open(log, "wb") as out:
         process = subprocess.Popen([sys.executable, "-m", "liftdeploy.cli", "serve", "--local", "--engine", "vllm",
-                                    str(MANIFEST), "--port", "0", "--model", "smoke"], stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+                                    str(MANIFEST), "--port", "0", "--model", "smoke"],
+                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 600
         while not any("EngineCor" in p.name() for p in psutil.Process(process.pid).children(recursive=True)):
