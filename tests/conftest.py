@@ -44,6 +44,18 @@ def example(request):
 
 
 @pytest.fixture(scope="session")
+def smoke_engine():
+    """The transformers stand-in on the random smoke model, loaded once: for tests of the serving path,
+    where the content of an answer does not matter."""
+    pytest.importorskip("transformers")
+    from liftdeploy.local.engine import LocalEngine
+
+    engine = LocalEngine(None, max_model_len=2048)
+    engine.start()
+    return engine
+
+
+@pytest.fixture(scope="session")
 def vllm_server(tmp_path_factory):
     """`liftdeploy serve --local --engine vllm deployments/qwen3-8b.toml`, shared by the engine tests."""
     from tests.support.vllm_server import serve_vllm

@@ -220,12 +220,8 @@ def test_a_manifest_target_asks_modals_urls() -> None:
 
 
 @pytest.fixture(scope="module")
-def engine():
-    from liftdeploy.local.engine import LocalEngine
-
-    engine = LocalEngine(None, max_model_len=2048)
-    engine.start()
-    return engine
+def engine(smoke_engine):
+    return smoke_engine
 
 
 @pytest.fixture(scope="module")

@@ -80,10 +80,8 @@ SCHEMAS = {
 
 
 @pytest.fixture(scope="module")
-def engine():
-    engine = LocalEngine(None, max_model_len=2048)
-    engine.start()
-    return engine
+def engine(smoke_engine):
+    return smoke_engine
 
 
 @pytest.fixture(scope="module")
